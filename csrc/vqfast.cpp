@@ -1,0 +1,25 @@
+// Every vqfast op schema, in one place. Kernels register per dispatch key in
+// csrc/cpu/*.cpp and csrc/cuda/*.cu; fake kernels and autograd live in Python
+// (vqfast/ops/).
+//
+// Built against torch's stable ABI (torch/csrc/stable), so one build serves
+// every torch from 2.10 on and compiles in a fraction of the ATen time.
+#include <Python.h>
+
+#include <torch/csrc/stable/library.h>
+
+extern "C" {
+// An empty module: importing vqfast._C loads this library, which runs the
+// registration initialisers below.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+STABLE_TORCH_LIBRARY(vqfast, m) {
+  // z: (N, D) contiguous; codebook: (K, D) contiguous, same floating dtype.
+  // metric: 0 = l2 (squared), 1 = cosine (1 - cos), 2 = dot (negative inner product).
+  // Returns indices int64 (N,) and distances (N,) float32, float64 for float64 input.
+  m.def("nearest_code(Tensor z, Tensor codebook, int metric) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,4 @@
+"""vqfast's ops: validation, backend choice, fake kernels and autograd."""
+from vqfast.ops.nearest_code import nearest_code
+
+__all__ = ["nearest_code"]
