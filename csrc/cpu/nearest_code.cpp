@@ -1,16 +1,24 @@
 // Nearest-codebook search on the CPU.
 //
-// The faiss recipe: the distance matrix is never formed. Rows are split into
-// blocks of kRowBlock, one block per task of torch's OpenMP pool; each task
-// walks the codebook in blocks of kCodeBlock codes, has BLAS compute the
-// (rows x codes) dot-product tile into a thread-local buffer that stays in L2,
-// and folds it into a running (score, index) per row in the same pass
-// (csrc/common/distance.h). Extra memory: one tile per thread plus a
-// transposed fp32 copy of the codebook, whatever N is.
+// The faiss recipe: the distance matrix is never formed. Work is split into
+// (row block x code range) tasks on torch's OpenMP pool. A task walks its codes
+// in blocks of kCodeBlock, has BLAS compute the (rows x codes) dot-product tile
+// into a thread-local buffer sized for L2, and folds it into a running best per
+// row in the same pass. Extra memory: one tile per thread, an fp32 copy of the
+// codebook, and per-task partial results, whatever N is.
 //
-// Small D (<= kSmallD) is compute-light per element, so a BLAS call per tile
-// would cost more than the arithmetic: that path computes the dots directly
-// from a (D, K) transposed codebook, vectorised across codes.
+// The fold is lane-wise: each row keeps kLanes running (score, index) pairs,
+// lane l seeing codes l, l+kLanes, ... in increasing order, so a strict `<`
+// keeps the lowest index within a lane and the compare/blend vectorises. The
+// lanes are merged at the end with `better` (csrc/common/distance.h), which
+// restores the exact lowest-index tie rule across lanes.
+//
+// Small D (<= kSmallD) has too little arithmetic per score for a BLAS call per
+// tile to pay off; that path is a register micro-kernel (kMicroRows rows x
+// kLanes codes) over a (D, K) transposed codebook, with the same fold.
+//
+// Hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked
+// at load time (target_clones), so one build is fast on every x86 machine.
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
@@ -22,9 +30,16 @@
 #include <array>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common/distance.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VQ_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define VQ_CPU_CLONES
+#endif
 
 namespace vqfast {
 namespace {
@@ -32,10 +47,11 @@ namespace {
 using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
-constexpr int64_t kRowBlock = 128;   // rows per task: 128 x kCodeBlock fp32 = 256 KiB tile
+constexpr int64_t kRowBlock = 128;   // rows per task: the 128 x 512 fp32 tile is 256 KiB, L2-resident
 constexpr int64_t kCodeBlock = 512;  // codes per BLAS call
 constexpr int64_t kSmallD = 16;
-constexpr int64_t kSmallCodeBlock = 256;  // register/L1-sized strip for the small-D path
+constexpr int kLanes = 16;     // two AVX2 / one AVX-512 register of fp32 scores per row
+constexpr int kMicroRows = 4;  // small-D micro-kernel: 4 x 16 accumulators stay in registers
 
 template <typename T>
 struct Acc {
@@ -46,27 +62,97 @@ struct Acc<double> {
   using type = double;
 };
 
-// Calls the dense matmul through the dispatcher into a preallocated tile:
-// out (m, n) = a (m, k) @ b (k, n). The stable ABI has matmul but no out=
-// variant, and allocating per tile would cost more than small tiles compute.
+// out (m, n) = a (m, k) @ b (k, n) into a preallocated tile, through the
+// dispatcher: the stable ABI has matmul but no out= variant, and allocating a
+// result per tile would cost more than small tiles compute.
 void mm_out(const Tensor& a, const Tensor& b, Tensor& out) {
   std::array<StableIValue, 3> stack{torch::stable::detail::from(a), torch::stable::detail::from(b),
                                     torch::stable::detail::from(out)};
-  STABLE_TORCH_ERROR_CODE_CHECK(
-      torch_call_dispatcher("aten::mm", "out", stack.data(), TORCH_ABI_VERSION));
+  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher("aten::mm", "out", stack.data(), TORCH_ABI_VERSION));
   (void)torch::stable::detail::to<Tensor>(stack[0]);
 }
 
-// Wraps raw memory as a strided CPU tensor (no copy, no ownership).
-Tensor view_of(void* data, std::initializer_list<int64_t> sizes,
-               std::initializer_list<int64_t> strides, ScalarType dtype) {
-  return torch::stable::from_blob(data, sizes, strides,
-                                  torch::stable::Device(torch::headeronly::DeviceType::CPU), dtype);
+// Raw memory as a strided CPU tensor (no copy, no ownership).
+Tensor view_of(void* data, std::initializer_list<int64_t> sizes, std::initializer_list<int64_t> strides,
+               ScalarType dtype) {
+  return torch::stable::from_blob(data, sizes, strides, torch::stable::Device(torch::headeronly::DeviceType::CPU),
+                                  dtype);
+}
+
+template <typename acc_t>
+struct Lanes {
+  acc_t score[kLanes];
+  int32_t index[kLanes];  // K < 2^31 (checked); int32 keeps the blend as wide as the scores
+
+  void reset() {
+    for (int l = 0; l < kLanes; ++l) {
+      score[l] = std::numeric_limits<acc_t>::infinity();
+      index[l] = -1;
+    }
+  }
+};
+
+// Folds scores of codes k0 .. k0+n-1 (dots in `dot`, per-code terms in `code`)
+// into the lanes. The loop body is branch-free so it vectorises.
+template <int M, typename acc_t>
+VQ_CPU_CLONES void fold(const acc_t* __restrict dot, const acc_t* __restrict code, int64_t n, int32_t k0,
+                        Lanes<acc_t>& __restrict best) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const acc_t s = score<M, acc_t>(dot[j + l], code[j + l]);
+      const bool win = s < best.score[l];
+      best.score[l] = win ? s : best.score[l];
+      best.index[l] = win ? int32_t(k0 + j + l) : best.index[l];
+    }
+  }
+  for (; j < n; ++j) {
+    const int l = int(j % kLanes);
+    const acc_t s = score<M, acc_t>(dot[j], code[j]);
+    if (s < best.score[l]) {
+      best.score[l] = s;
+      best.index[l] = int32_t(k0 + j);
+    }
+  }
+}
+
+// Small-D micro-kernel: dots of kMicroRows rows against codes k0 .. k0+n-1 of
+// the transposed codebook cbt (D, K), folded straight from registers.
+template <int M, typename acc_t>
+VQ_CPU_CLONES void small_d_block(const acc_t* __restrict zrows, int64_t rows, int64_t D,
+                                 const acc_t* __restrict cbt, int64_t K, const acc_t* __restrict code, int64_t k0,
+                                 int64_t n, Lanes<acc_t>* __restrict best) {
+  acc_t dots[kMicroRows][kLanes];
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int r = 0; r < kMicroRows; ++r)
+      for (int l = 0; l < kLanes; ++l) dots[r][l] = 0;
+    for (int64_t d = 0; d < D; ++d) {
+      const acc_t* c = cbt + offset2d(d, k0 + j, K);
+      for (int r = 0; r < kMicroRows; ++r) {
+        const acc_t zd = zrows[r * D + d];
+        for (int l = 0; l < kLanes; ++l) dots[r][l] += zd * c[l];
+      }
+    }
+    for (int r = 0; r < rows; ++r) fold<M, acc_t>(dots[r], code + k0 + j, kLanes, int32_t(k0 + j), best[r]);
+  }
+  if (j < n) {  // tail: fewer than kLanes codes
+    const int64_t t = n - j;
+    for (int r = 0; r < rows; ++r) {
+      acc_t tail[kLanes];
+      for (int64_t l = 0; l < t; ++l) {
+        acc_t acc = 0;
+        for (int64_t d = 0; d < D; ++d) acc += zrows[r * D + d] * cbt[offset2d(d, k0 + j + l, K)];
+        tail[l] = acc;
+      }
+      fold<M, acc_t>(tail, code + k0 + j, t, int32_t(k0 + j), best[r]);
+    }
+  }
 }
 
 template <typename scalar_t, typename acc_t>
-void load_row(const scalar_t* src, int64_t D, acc_t* dst) {
-  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<acc_t>(src[d]);
+void load_rows(const scalar_t* src, int64_t rows, int64_t D, acc_t* dst) {
+  for (int64_t i = 0; i < rows * D; ++i) dst[i] = static_cast<acc_t>(src[i]);
 }
 
 template <typename acc_t>
@@ -76,19 +162,38 @@ acc_t sq_norm(const acc_t* v, int64_t D) {
   return s;
 }
 
-// Folds one row of a score strip into the row's running best. A vectorisable
-// min pass first; the index search runs only when the strip can win.
+// Merges the lanes into one (score, index) with the exact tie rule. Lanes only
+// ever accept scores that beat +inf, so a row whose scores are all NaN or +inf
+// has no lane set; `better` then picks its answer among code 0's score and
+// the rest, which the caller resolves with a plain scan (rare, O(K D)).
 template <typename acc_t>
-void fold_strip(const acc_t* s, int64_t n, int64_t k0, acc_t& best, int64_t& best_idx) {
-  acc_t m = std::numeric_limits<acc_t>::infinity();
-  for (int64_t j = 0; j < n; ++j) m = s[j] < m ? s[j] : m;
-  if (!(m < best) && best_idx >= 0 && best == best) return;  // cannot win (incl. all-NaN strip)
-  for (int64_t j = 0; j < n; ++j) {
-    if (better(s[j], k0 + j, best, best_idx)) {
-      best = s[j];
-      best_idx = k0 + j;
+std::pair<acc_t, int64_t> merge_lanes(const Lanes<acc_t>& best) {
+  acc_t bs = std::numeric_limits<acc_t>::infinity();
+  int64_t bi = -1;
+  for (int l = 0; l < kLanes; ++l)
+    if (best.index[l] >= 0 && better(best.score[l], int64_t(best.index[l]), bs, bi)) {
+      bs = best.score[l];
+      bi = best.index[l];
+    }
+  return {bs, bi};
+}
+
+// Scan for rows with no finite-or-(-inf) score: the `better` order over all codes.
+template <int M, typename acc_t>
+std::pair<acc_t, int64_t> scan_row(const acc_t* zr, const acc_t* cb_rows, const acc_t* code, int64_t K,
+                                   int64_t D) {
+  acc_t bs = 0;
+  int64_t bi = -1;
+  for (int64_t k = 0; k < K; ++k) {
+    acc_t dot = 0;
+    for (int64_t d = 0; d < D; ++d) dot += zr[d] * cb_rows[offset2d(k, d, D)];
+    const acc_t s = score<M, acc_t>(dot, code[k]);
+    if (better(s, k, bs, bi)) {
+      bs = s;
+      bi = k;
     }
   }
+  return {bs, bi};
 }
 
 template <typename scalar_t, int M>
@@ -97,76 +202,93 @@ void search(const scalar_t* z, const scalar_t* cb, int64_t N, int64_t K, int64_t
   using acc_t = typename Acc<scalar_t>::type;
   const bool small_d = D <= kSmallD;
 
-  // Codebook in the accumulation type, and the per-code terms. Small D keeps
-  // it transposed (D, K) so the inner loop runs unit-stride across codes.
+  // Codebook in the accumulation type (row-major, and transposed (D, K) for
+  // the small-D kernel) and the per-code terms.
   std::vector<acc_t> cbf(static_cast<size_t>(K * D));
+  std::vector<acc_t> cbt(small_d ? static_cast<size_t>(K * D) : 0);
   std::vector<acc_t> code(static_cast<size_t>(K));
   torch::stable::parallel_for(0, K, 256, [&](int64_t b, int64_t e) {
-    std::vector<acc_t> row(D);
     for (int64_t k = b; k < e; ++k) {
-      load_row(cb + offset2d(k, 0, D), D, row.data());
-      code[k] = norm_term<M, acc_t>(sq_norm(row.data(), D));
-      for (int64_t d = 0; d < D; ++d) {
-        if (small_d) cbf[offset2d(d, k, K)] = row[d];
-        else cbf[offset2d(k, 0, D)+d] = row[d];
-      }
+      acc_t* row = cbf.data() + offset2d(k, 0, D);
+      load_rows(cb + offset2d(k, 0, D), 1, D, row);
+      code[k] = norm_term<M, acc_t>(sq_norm(row, D));
+      if (small_d)
+        for (int64_t d = 0; d < D; ++d) cbt[offset2d(d, k, K)] = row[d];
     }
   });
 
+  // Tasks: row blocks x code splits. Splitting codes keeps every thread busy
+  // when N is small (a single row block); partial bests merge in code order.
   const int64_t row_blocks = (N + kRowBlock - 1) / kRowBlock;
-  torch::stable::parallel_for(0, row_blocks, 1, [&](int64_t rb_begin, int64_t rb_end) {
+  const int64_t threads = std::max<int64_t>(1, torch::stable::get_num_threads());
+  const int64_t code_blocks = (K + kCodeBlock - 1) / kCodeBlock;
+  const int64_t splits = std::min(code_blocks, std::max<int64_t>(1, (threads + row_blocks - 1) / row_blocks));
+  const int64_t blocks_per_split = (code_blocks + splits - 1) / splits;
+  std::vector<acc_t> part_score(splits > 1 ? static_cast<size_t>(splits * N) : 0);
+  std::vector<int64_t> part_index(splits > 1 ? static_cast<size_t>(splits * N) : 0);
+
+  torch::stable::parallel_for(0, row_blocks * splits, 1, [&](int64_t t_begin, int64_t t_end) {
     std::vector<acc_t> zblk(static_cast<size_t>(kRowBlock * D));
-    std::vector<acc_t> tile(static_cast<size_t>(kRowBlock * (small_d ? kSmallCodeBlock : kCodeBlock)));
-    std::vector<acc_t> best(kRowBlock);
-    std::vector<int64_t> best_idx(kRowBlock);
-    for (int64_t rb = rb_begin; rb < rb_end; ++rb) {
+    std::vector<acc_t> tile(small_d ? 0 : static_cast<size_t>(kRowBlock * kCodeBlock));
+    std::vector<Lanes<acc_t>> best(kRowBlock);
+    for (int64_t task = t_begin; task < t_end; ++task) {
+      const int64_t rb = task / splits, split = task % splits;
       const int64_t r0 = rb * kRowBlock;
       const int64_t rows = std::min(kRowBlock, N - r0);
-      for (int64_t r = 0; r < rows; ++r) {
-        load_row(z + offset2d(r0 + r, 0, D), D, zblk.data() + r * D);
-        best[r] = std::numeric_limits<acc_t>::infinity();
-        best_idx[r] = -1;
-      }
+      const int64_t c_begin = split * blocks_per_split * kCodeBlock;
+      const int64_t c_end = std::min(K, (split + 1) * blocks_per_split * kCodeBlock);
+      load_rows(z + offset2d(r0, 0, D), rows, D, zblk.data());
+      for (int64_t r = 0; r < rows; ++r) best[r].reset();
       if (small_d) {
-        for (int64_t k0 = 0; k0 < K; k0 += kSmallCodeBlock) {
-          const int64_t n = std::min(kSmallCodeBlock, K - k0);
-          for (int64_t r = 0; r < rows; ++r) {
-            acc_t* s = tile.data();
-            const acc_t* zr = zblk.data() + r * D;
-            for (int64_t j = 0; j < n; ++j) s[j] = 0;
-            for (int64_t d = 0; d < D; ++d) {
-              const acc_t zd = zr[d];
-              const acc_t* c = cbf.data() + offset2d(d, k0, K);
-              for (int64_t j = 0; j < n; ++j) s[j] += zd * c[j];
-            }
-            const acc_t* ck = code.data() + k0;
-            for (int64_t j = 0; j < n; ++j) s[j] = score<M, acc_t>(s[j], ck[j]);
-            fold_strip(s, n, k0, best[r], best_idx[r]);
-          }
+        for (int64_t r = 0; r < rows; r += kMicroRows) {
+          const int64_t rr = std::min<int64_t>(kMicroRows, rows - r);
+          acc_t zpad[kMicroRows * kSmallD] = {};  // short row groups read zeros, not past the block
+          std::copy(zblk.data() + r * D, zblk.data() + (r + rr) * D, zpad);
+          for (int64_t k0 = c_begin; k0 < c_end; k0 += kCodeBlock)
+            small_d_block<M, acc_t>(zpad, rr, D, cbt.data(), K, code.data(), k0,
+                                    std::min(kCodeBlock, c_end - k0), best.data() + r);
         }
-      } else {
+      } else if (c_begin < c_end) {
         Tensor zt = view_of(zblk.data(), {rows, D}, {D, 1}, acc_dtype);
-        for (int64_t k0 = 0; k0 < K; k0 += kCodeBlock) {
-          const int64_t n = std::min(kCodeBlock, K - k0);
-          // (D, n) view of codes k0..k0+n: the transposed codebook block.
-          Tensor ct = view_of(cbf.data() + offset2d(k0, 0, D), {D, n}, {1, D}, acc_dtype);
+        for (int64_t k0 = c_begin; k0 < c_end; k0 += kCodeBlock) {
+          const int64_t n = std::min(kCodeBlock, c_end - k0);
+          Tensor ct = view_of(cbf.data() + offset2d(k0, 0, D), {D, n}, {1, D}, acc_dtype);  // codes, transposed
           Tensor out = view_of(tile.data(), {rows, n}, {n, 1}, acc_dtype);
           mm_out(zt, ct, out);
-          const acc_t* ck = code.data() + k0;
-          for (int64_t r = 0; r < rows; ++r) {
-            acc_t* s = tile.data() + r * n;
-            for (int64_t j = 0; j < n; ++j) s[j] = score<M, acc_t>(s[j], ck[j]);
-            fold_strip(s, n, k0, best[r], best_idx[r]);
-          }
+          for (int64_t r = 0; r < rows; ++r)
+            fold<M, acc_t>(tile.data() + r * n, code.data() + k0, n, int32_t(k0), best[r]);
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
-        const acc_t row = norm_term<M, acc_t>(sq_norm(zblk.data() + r * D, D));
-        out_idx[r0 + r] = best_idx[r];
-        out_dist[r0 + r] = finalize_distance<M, acc_t>(best[r], row);
+        auto [bs, bi] = merge_lanes(best[r]);
+        if (bi < 0 && splits == 1) std::tie(bs, bi) = scan_row<M, acc_t>(zblk.data() + r * D, cbf.data(), code.data(), K, D);
+        if (splits > 1) {
+          part_score[offset2d(split, r0 + r, N)] = bs;
+          part_index[offset2d(split, r0 + r, N)] = bi;
+        } else {
+          out_idx[r0 + r] = bi;
+          out_dist[r0 + r] = finalize_distance<M, acc_t>(bs, norm_term<M, acc_t>(sq_norm(zblk.data() + r * D, D)));
+        }
       }
     }
   });
+  if (splits == 1) return;
+  std::vector<acc_t> zrow(D);
+  for (int64_t i = 0; i < N; ++i) {  // splits > 1 only when N < threads * kRowBlock: cheap
+    acc_t bs = 0;
+    int64_t bi = -1;
+    for (int64_t s = 0; s < splits; ++s) {
+      const int64_t pi = part_index[offset2d(s, i, N)];
+      if (pi >= 0 && better(part_score[offset2d(s, i, N)], pi, bs, bi)) {
+        bs = part_score[offset2d(s, i, N)];
+        bi = pi;
+      }
+    }
+    load_rows(z + offset2d(i, 0, D), 1, D, zrow.data());
+    if (bi < 0) std::tie(bs, bi) = scan_row<M, acc_t>(zrow.data(), cbf.data(), code.data(), K, D);
+    out_idx[i] = bi;
+    out_dist[i] = finalize_distance<M, acc_t>(bs, norm_term<M, acc_t>(sq_norm(zrow.data(), D)));
+  }
 }
 
 template <typename scalar_t>
@@ -185,6 +307,7 @@ std::tuple<Tensor, Tensor> nearest_code_cpu(const Tensor& z, const Tensor& codeb
   STD_TORCH_CHECK(z.dim() == 2 && codebook.dim() == 2, "nearest_code: z must be (N, D) and codebook (K, D)");
   STD_TORCH_CHECK(z.size(1) == codebook.size(1), "nearest_code: z and codebook differ in D");
   STD_TORCH_CHECK(codebook.size(0) >= 1, "nearest_code: codebook is empty (K = 0)");
+  STD_TORCH_CHECK(codebook.size(0) < (int64_t(1) << 31), "nearest_code: K must be below 2^31");
   STD_TORCH_CHECK(z.scalar_type() == codebook.scalar_type(), "nearest_code: z and codebook dtypes differ");
   STD_TORCH_CHECK(metric >= 0 && metric <= 2, "nearest_code: metric must be 0 (l2), 1 (cosine) or 2 (dot)");
   Tensor zc = torch::stable::contiguous(z);
@@ -192,8 +315,12 @@ std::tuple<Tensor, Tensor> nearest_code_cpu(const Tensor& z, const Tensor& codeb
   const int64_t N = zc.size(0);
   const ScalarType st = zc.scalar_type();
   const ScalarType out_st = st == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  // Poisoned (-1 / NaN) so a row the kernel fails to write cannot pass as an answer.
+  // One pass over N values: nothing next to the N x K x D search.
   Tensor idx = torch::stable::new_empty(zc, {N}, ScalarType::Long);
   Tensor dist = torch::stable::new_empty(zc, {N}, out_st);
+  torch::stable::fill_(idx, -1.0);
+  torch::stable::fill_(dist, std::numeric_limits<double>::quiet_NaN());
   if (N == 0) return {idx, dist};
   switch (st) {
     case ScalarType::Float: search_dtype<float>(zc, cc, metric, idx, dist); break;
