@@ -22,4 +22,22 @@ STABLE_TORCH_LIBRARY(vqfast, m) {
   // metric: 0 = l2 (squared), 1 = cosine (1 - cos), 2 = dot (negative inner product).
   // Returns indices int64 (N,) and distances (N,) float32, float64 for float64 input.
   m.def("nearest_code(Tensor z, Tensor codebook, int metric) -> (Tensor, Tensor)");
+
+  // Fused quantize (vqfast/reference/quantize.py). estimator: 0 = straight-through,
+  // 1 = rotation trick; the forward carries the backward's flags for autograd.
+  // Returns z_q (N, D), indices (N,), commit_loss and codebook_loss (0-d).
+  m.def(
+      "quantize_forward(Tensor z, Tensor codebook, int metric, int estimator, bool through_output)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
+  // Returns grad_z (N, D) and grad_codebook (K, D).
+  m.def(
+      "quantize_backward(Tensor grad_zq, Tensor grad_commit, Tensor grad_codebook_loss, Tensor z,"
+      " Tensor codebook, Tensor indices, int metric, int estimator, bool through_output,"
+      " bool deterministic) -> (Tensor, Tensor)");
+
+  // EMA codebook update in place (vqfast/reference/ema.py): codebook and embed_avg (K, D),
+  // cluster_size (K,), one float dtype; z (N, D); indices int64 (N,).
+  m.def(
+      "ema_update_(Tensor(a!) codebook, Tensor(b!) cluster_size, Tensor(c!) embed_avg, Tensor z,"
+      " Tensor indices, float decay, float eps) -> ()");
 }

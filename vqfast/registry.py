@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
@@ -54,6 +55,30 @@ def _extension():
 def extension_has_kernel(op: str, dispatch_key: str) -> bool:
     mod, _ = _extension()
     return mod is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"vqfast::{op}", dispatch_key)
+
+
+def extension_has_op(op: str) -> bool:
+    mod, _ = _extension()
+    return mod is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"vqfast::{op}", "CPU")
+
+
+# The public op -> the name of its kernel: the C++ schema in csrc/vqfast.cpp and
+# the module in vqfast/triton/.
+KERNEL_OF = {"nearest_code": "nearest_code", "quantize": "quantize_forward", "ema_update_": "ema_update_"}
+
+
+@functools.lru_cache(maxsize=None)
+def op_reason(backend: str, op: str) -> str:
+    """Why `backend` lacks `op` ("" if it has it); the backend itself may still be unavailable."""
+    kernel = KERNEL_OF.get(op, op)
+    if backend in ("cpu", "cuda"):
+        key = "CPU" if backend == "cpu" else "CUDA"
+        if _extension()[0] is not None and not extension_has_kernel(kernel, key):
+            return f"vqfast._C has no {key} kernel for {op}"
+    elif backend == "triton":
+        if importlib.util.find_spec(f"vqfast.triton.{kernel}") is None:
+            return f"no Triton kernel for {op}"
+    return ""
 
 
 def triton_interpreting() -> bool:
@@ -103,7 +128,7 @@ def available(device_type: str) -> list[str]:
     return [s.name for s in status().values() if s.available and device_type in s.devices]
 
 
-_warned_fallback = False
+_warned: set[str] = set()
 
 
 def resolve(backend: str | None, device: torch.device, op: str) -> str:
@@ -120,9 +145,9 @@ def _resolve(backend: str | None, dev: str, op: str) -> str:
     if backend is None:
         st = status()
         for name in PREFERENCE.get(dev, ("torch",)):
-            if st[name].available and dev in st[name].devices:
+            if st[name].available and dev in st[name].devices and not op_reason(name, op):
                 if name == "torch" and dev in ("cpu", "cuda"):
-                    _warn_fallback(st, dev)
+                    _warn_fallback(st, dev, op)
                 return name
         return "torch"
     if backend not in NAMES:
@@ -132,13 +157,15 @@ def _resolve(backend: str | None, dev: str, op: str) -> str:
         raise RuntimeError(f"{op}: backend {backend!r} is unavailable: {st.reason}")
     if dev not in st.devices:
         raise ValueError(f"{op}: backend {backend!r} runs on {', '.join(st.devices)} tensors, got {dev} tensors")
+    why = op_reason(backend, op)
+    if why:
+        raise NotImplementedError(f"{op}: backend {backend!r} does not implement it: {why}")
     return backend
 
 
-def _warn_fallback(st: dict[str, BackendStatus], dev: str) -> None:
-    global _warned_fallback
-    if not _warned_fallback:
-        _warned_fallback = True
-        native = "cpu" if dev == "cpu" else "cuda"
-        warnings.warn(f"vqfast: using the pure-PyTorch backend on {dev}: {st[native].reason}",
-                      RuntimeWarning, stacklevel=3)
+def _warn_fallback(st: dict[str, BackendStatus], dev: str, op: str) -> None:
+    native = "cpu" if dev == "cpu" else "cuda"
+    why = st[native].reason or op_reason(native, op)
+    if why not in _warned:
+        _warned.add(why)
+        warnings.warn(f"vqfast: {op} uses the pure-PyTorch backend on {dev}: {why}", RuntimeWarning, stacklevel=4)

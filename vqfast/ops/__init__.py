@@ -2,3 +2,6 @@
 from vqfast.ops.nearest_code import nearest_code
 
 __all__ = ["nearest_code"]
+from vqfast.ops.quantize import QuantizeResult, quantize  # noqa: E402
+
+__all__ += ["quantize", "QuantizeResult"]
