@@ -1,6 +1,7 @@
 """vqfast: fused vector-quantization kernels for PyTorch."""
 from vqfast import registry
-from vqfast.ops import nearest_code
+from vqfast.ops import (CodebookStats, KMeansResult, QuantizeResult, codebook_stats, ema_update_, expire_codes_,
+                        kmeans, nearest_code, quantize)
 
 __version__ = "0.1.0"
 
@@ -10,4 +11,5 @@ def backends():
     return dict(registry.status())
 
 
-__all__ = ["nearest_code", "backends", "__version__"]
+__all__ = ["nearest_code", "quantize", "QuantizeResult", "ema_update_", "expire_codes_", "kmeans", "KMeansResult",
+           "codebook_stats", "CodebookStats", "backends", "__version__"]
