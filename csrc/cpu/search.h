@@ -1,9 +1,27 @@
+#pragma once
 // The nearest-codebook search engine shared by the CPU ops (nearest_code,
 // quantize): search() finds each row's code and hands finished row blocks to
 // an op-specific epilogue while they are still in cache.
 //
-#pragma once
-
+// The faiss recipe: the distance matrix is never formed. Work is split into
+// (row block x code range) tasks on torch's OpenMP pool. A task walks its codes
+// in blocks of kCodeBlock, has BLAS compute the (rows x codes) dot-product tile
+// into a thread-local buffer sized for L2, and folds it into a running best per
+// row in the same pass. Extra memory: one tile per thread, an fp32 copy of the
+// codebook, and per-task partial results, whatever N is.
+//
+// The fold is lane-wise: each row keeps kLanes running (score, index) pairs,
+// lane l seeing codes l, l+kLanes, ... in increasing order, so a strict `<`
+// keeps the lowest index within a lane and the compare/blend vectorises. The
+// lanes are merged at the end with `better` (csrc/common/distance.h), which
+// restores the exact lowest-index tie rule across lanes.
+//
+// Small D (<= kSmallD) has too little arithmetic per score for a BLAS call per
+// tile to pay off; that path is a register micro-kernel (kMicroRows rows x
+// kLanes codes) over a (D, K) transposed codebook, with the same fold.
+//
+// Hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked
+// at load time (target_clones), so one build is fast on every x86 machine.
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/csrc/stable/tensor.h>
@@ -11,7 +29,11 @@
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <array>
 #include <limits>
 #include <tuple>
@@ -59,6 +81,13 @@ struct Acc<double> {
 template <typename T>
 using acc_scalar = typename Acc<T>::type;
 
+// Raw memory as a strided CPU tensor (no copy, no ownership).
+inline Tensor view_of(void* data, std::initializer_list<int64_t> sizes, std::initializer_list<int64_t> strides,
+               ScalarType dtype) {
+  return torch::stable::from_blob(data, sizes, strides, torch::stable::Device(torch::headeronly::DeviceType::CPU),
+                                  dtype);
+}
+
 // out (m, n) = a (m, k) @ b (k, n) into a preallocated tile, through the
 // dispatcher: the stable ABI has matmul but no out= variant, and allocating a
 // result per tile would cost more than small tiles compute.
@@ -69,11 +98,37 @@ inline void mm_out(const Tensor& a, const Tensor& b, Tensor& out) {
   (void)torch::stable::detail::to<Tensor>(stack[0]);
 }
 
-// Raw memory as a strided CPU tensor (no copy, no ownership).
-inline Tensor view_of(void* data, std::initializer_list<int64_t> sizes, std::initializer_list<int64_t> strides,
-               ScalarType dtype) {
-  return torch::stable::from_blob(data, sizes, strides, torch::stable::Device(torch::headeronly::DeviceType::CPU),
-                                  dtype);
+// The BLAS that torch itself loaded (MKL or OpenBLAS export the Fortran
+// symbols), looked up at run time: a direct call skips the ~5 us of tensor
+// wrapping and dispatch per tile, which is 10-20% of a 128 x 512 x 64 tile.
+// Absent (or VQFAST_CPU_GEMM=dispatcher), tiles go through mm_out instead.
+template <typename acc_t>
+using fortran_gemm_t = void (*)(const char*, const char*, const int*, const int*, const int*, const acc_t*,
+                                const acc_t*, const int*, const acc_t*, const int*, const acc_t*, acc_t*, const int*);
+
+template <typename acc_t>
+fortran_gemm_t<acc_t> fortran_gemm() {
+  static const fortran_gemm_t<acc_t> fn = reinterpret_cast<fortran_gemm_t<acc_t>>(
+      dlsym(RTLD_DEFAULT, std::is_same_v<acc_t, double> ? "dgemm_" : "sgemm_"));
+  const char* force = std::getenv("VQFAST_CPU_GEMM");
+  return (force && std::string(force) == "dispatcher") ? nullptr : fn;
+}
+
+// tile (rows, n) row-major = zrows (rows, D) @ codes (n, D)^T, both row-major.
+template <typename acc_t>
+void dot_tile(const acc_t* zrows, int64_t rows, const acc_t* codes, int64_t n, int64_t D, acc_t* tile,
+              fortran_gemm_t<acc_t> gemm, ScalarType acc_dtype) {
+  if (gemm != nullptr) {
+    // Column-major view: tile^T (n, rows) = codes (n, D) [stored as (D, n)^T] @ zrows^T (D, rows).
+    const int m = int(n), nn = int(rows), k = int(D), lda = int(D), ldb = int(D), ldc = int(n);
+    const acc_t one = 1, zero = 0;
+    gemm("T", "N", &m, &nn, &k, &one, codes, &lda, zrows, &ldb, &zero, tile, &ldc);
+    return;
+  }
+  Tensor zt = view_of(const_cast<acc_t*>(zrows), {rows, D}, {D, 1}, acc_dtype);
+  Tensor ct = view_of(const_cast<acc_t*>(codes), {D, n}, {1, D}, acc_dtype);  // the codes, transposed
+  Tensor out = view_of(tile, {rows, n}, {n, 1}, acc_dtype);
+  mm_out(zt, ct, out);
 }
 
 template <typename acc_t>
@@ -231,6 +286,7 @@ void search(const scalar_t* z, int64_t N, const PreparedCodebook<acc_t>& cb, Sca
             Epilogue&& epilogue) {
   const int64_t K = cb.K, D = cb.D;
   const bool small_d = D <= kSmallD;
+  const fortran_gemm_t<acc_t> gemm = fortran_gemm<acc_t>();
 
   // Tasks: row blocks x code splits. Splitting codes keeps every thread busy
   // when N is small (a single row block); partial bests merge in code order.
@@ -266,13 +322,9 @@ void search(const scalar_t* z, int64_t N, const PreparedCodebook<acc_t>& cb, Sca
                                     std::min(kCodeBlock, c_end - k0), best.data() + r);
         }
       } else if (c_begin < c_end) {
-        Tensor zt = view_of(zblk.data(), {rows, D}, {D, 1}, acc_dtype);
         for (int64_t k0 = c_begin; k0 < c_end; k0 += kCodeBlock) {
           const int64_t n = std::min(kCodeBlock, c_end - k0);
-          // The codes k0 .. k0+n-1, transposed (D, n): BLAS reads them in place.
-          Tensor ct = view_of(const_cast<acc_t*>(cb.rows.data()) + offset2d(k0, 0, D), {D, n}, {1, D}, acc_dtype);
-          Tensor out = view_of(tile.data(), {rows, n}, {n, 1}, acc_dtype);
-          mm_out(zt, ct, out);
+          dot_tile(zblk.data(), rows, cb.rows.data() + offset2d(k0, 0, D), n, D, tile.data(), gemm, acc_dtype);
           for (int64_t r = 0; r < rows; ++r)
             fold<M, acc_t>(tile.data() + r * n, cb.code.data() + k0, n, int32_t(k0), best[r]);
         }

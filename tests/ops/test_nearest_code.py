@@ -234,3 +234,12 @@ def test_torch_compile_inductor():
 
     z, cb = torch.randn(40, 16), torch.randn(30, 16)
     assert torch.equal(f(z, cb), vqfast.nearest_code(z, cb)[0])
+
+
+def test_cpu_dispatcher_gemm_path(monkeypatch):
+    """The CPU kernel's fallback when torch's BLAS symbols are not found: tiles through aten::mm."""
+    require_backend("cpu")
+    monkeypatch.setenv("VQFAST_CPU_GEMM", "dispatcher")
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for metric in METRICS:
+            run("cpu", *make(700, 1100, 40, dtype, metric), metric)
