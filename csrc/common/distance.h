@@ -41,9 +41,11 @@ VQ_HD acc_t norm_term(acc_t sq_norm) {
   return acc_t(0);
 }
 
-template <int M, typename acc_t>
-VQ_HD acc_t score(acc_t dot, acc_t code) {
-  if (M == kL2) return code - acc_t(2) * dot;
+// Also instantiated on SIMD vector types by the CPU kernel (hence dot + dot,
+// which equals 2 * dot exactly, rather than a scalar constant).
+template <int M, typename T>
+VQ_HD T score(T dot, T code) {
+  if (M == kL2) return code - (dot + dot);
   if (M == kCosine) return -dot * code;
   return -dot;
 }

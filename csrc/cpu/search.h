@@ -10,15 +10,15 @@
 // row in the same pass. Extra memory: one tile per thread, an fp32 copy of the
 // codebook, and per-task partial results, whatever N is.
 //
-// The fold is lane-wise: each row keeps kLanes running (score, index) pairs,
-// lane l seeing codes l, l+kLanes, ... in increasing order, so a strict `<`
+// The fold is lane-wise: each row keeps kVecs SIMD registers of running (score, index) pairs,
+// each lane seeing every (lanes-per-row)-th code in increasing order, so a strict `<`
 // keeps the lowest index within a lane and the compare/blend vectorises. The
 // lanes are merged at the end with `better` (csrc/common/distance.h), which
 // restores the exact lowest-index tie rule across lanes.
 //
 // Small D (<= kSmallD) has too little arithmetic per score for a BLAS call per
 // tile to pay off; that path is a register micro-kernel (kMicroRows rows x
-// kLanes codes) over a (D, K) transposed codebook, with the same fold.
+// one lane group of codes) over a (D, K) transposed codebook, with the same fold.
 //
 // Hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked
 // at load time (target_clones), so one build is fast on every x86 machine.
@@ -33,11 +33,13 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <array>
 #include <limits>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/distance.h"
@@ -57,8 +59,7 @@ using torch::stable::Tensor;
 constexpr int64_t kRowBlock = 128;   // rows per task: the 128 x 512 fp32 tile is 256 KiB, L2-resident
 constexpr int64_t kCodeBlock = 512;  // codes per BLAS call
 constexpr int64_t kSmallD = 16;
-constexpr int kLanes = 16;     // two AVX2 / one AVX-512 register of fp32 scores per row
-constexpr int kMicroRows = 4;  // small-D micro-kernel: 4 x 16 accumulators stay in registers
+constexpr int kMicroRows = 2;  // small-D micro-kernel: 2 rows x 16 codes of dots, scores and indices fit in 16 ymm registers
 
 // Calls the lambda with `scalar_t` bound to the C++ type of a floating dtype.
 #define VQFAST_CPU_DISPATCH_FLOAT(dtype, op, ...)                                                  \
@@ -131,41 +132,119 @@ void dot_tile(const acc_t* zrows, int64_t rows, const acc_t* codes, int64_t n, i
   mm_out(zt, ct, out);
 }
 
+// SIMD through GCC vector types, one 32-byte (AVX2 ymm) register each: 8 float
+// or 4 double scores, with their code indices in an integer type of the same
+// width so one compare mask blends both. (Wider generic vectors compile to
+// poor code where the target's registers are narrower.) Each row keeps kVecs
+// such registers, for instruction-level parallelism.
+template <typename acc_t>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float v __attribute__((vector_size(32)));
+  typedef int32_t i __attribute__((vector_size(32)));
+  static constexpr int width = 8;
+};
+template <>
+struct Simd<double> {
+  typedef double v __attribute__((vector_size(32)));
+  typedef int64_t i __attribute__((vector_size(32)));
+  static constexpr int width = 4;
+};
+
+constexpr int kVecs = 2;
+
+// A row's running best, kept as plain arrays (no over-aligned members, so any
+// allocation holds it) and moved in and out of registers with unaligned loads.
 template <typename acc_t>
 struct Lanes {
-  acc_t score[kLanes];
-  int32_t index[kLanes];  // K < 2^31 (checked); int32 keeps the blend as wide as the scores
+  using V = typename Simd<acc_t>::v;
+  using I = typename Simd<acc_t>::i;
+  using index_t = std::remove_reference_t<decltype(std::declval<I&>()[0])>;
+  static constexpr int width = Simd<acc_t>::width;
+  static constexpr int count = kVecs * width;  // lanes per row
+  acc_t score[count];
+  index_t index[count];  // first code of the winning group (+ lane = code); -1: none beat +inf yet
 
   void reset() {
-    for (int l = 0; l < kLanes; ++l) {
+    for (int l = 0; l < count; ++l) {
       score[l] = std::numeric_limits<acc_t>::infinity();
       index[l] = -1;
     }
   }
+  void load(V* bs, I* bi) const {
+    for (int v = 0; v < kVecs; ++v) {
+      std::memcpy(&bs[v], score + v * width, sizeof(V));
+      std::memcpy(&bi[v], index + v * width, sizeof(I));
+    }
+  }
+  void store(const V* bs, const I* bi) {
+    for (int v = 0; v < kVecs; ++v) {
+      std::memcpy(score + v * width, &bs[v], sizeof(V));
+      std::memcpy(index + v * width, &bi[v], sizeof(I));
+    }
+  }
 };
 
-// Folds scores of codes k0 .. k0+n-1 (dots in `dot`, per-code terms in `code`)
-// into the lanes. The loop body is branch-free so it vectorises.
+template <typename T>
+inline __attribute__((always_inline)) T load_vec(const void* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));  // unaligned load
+  return v;
+}
+
+// One step of the lane-wise running argmin: lane e of register v takes the
+// code of the current group (first code `group`, broadcast in a register)
+// when its score is strictly lower, so a lane keeps its lowest index on ties
+// and NaN never wins. Lanes record the group's first code; the lane's own
+// offset (v * width + e) is added back when the lanes are merged. A compare
+// and two blends.
 template <int M, typename acc_t>
-VQ_CPU_CLONES void fold(const acc_t* __restrict dot, const acc_t* __restrict code, int64_t n, int32_t k0,
+inline __attribute__((always_inline)) void fold_step(typename Simd<acc_t>::v dot, typename Simd<acc_t>::v code,
+                                                     typename Simd<acc_t>::i group, typename Simd<acc_t>::v& bs,
+                                                     typename Simd<acc_t>::i& bi) {
+  using I = typename Simd<acc_t>::i;
+  const auto s = score<M>(dot, code);
+  const I win = s < bs;
+  bs = win ? s : bs;
+  bi = win ? group : bi;
+}
+
+template <typename acc_t>
+inline __attribute__((always_inline)) typename Simd<acc_t>::i broadcast_group(int64_t first_code) {
+  using I = typename Simd<acc_t>::i;
+  using elem_t = std::remove_reference_t<decltype(std::declval<I&>()[0])>;
+  return I{} + static_cast<elem_t>(first_code);
+}
+
+// Scalar update of lane `l` with code k = group + l (tails shorter than a group).
+template <int M, typename acc_t>
+inline void fold_one(acc_t dot, acc_t code, int64_t group, int l, Lanes<acc_t>& best) {
+  const acc_t s = score<M>(dot, code);
+  if (s < best.score[l]) {
+    best.score[l] = s;
+    best.index[l] = group;
+  }
+}
+
+// Folds scores of codes k0 .. k0+n-1 (dots in `dot`, per-code terms in `code`)
+// into the lanes: code k0 + g*count + v*width + e goes to lane (v, e).
+template <int M, typename acc_t>
+VQ_CPU_CLONES void fold(const acc_t* __restrict dot, const acc_t* __restrict code, int64_t n, int64_t k0,
                         Lanes<acc_t>& __restrict best) {
+  using V = typename Simd<acc_t>::v;
+  constexpr int W = Lanes<acc_t>::width, G = Lanes<acc_t>::count;
+  V bs[kVecs];
+  typename Simd<acc_t>::i bi[kVecs];
+  best.load(bs, bi);
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const acc_t s = score<M, acc_t>(dot[j + l], code[j + l]);
-      const bool win = s < best.score[l];
-      best.score[l] = win ? s : best.score[l];
-      best.index[l] = win ? int32_t(k0 + j + l) : best.index[l];
-    }
+  for (; j + G <= n; j += G) {
+    const auto group = broadcast_group<acc_t>(k0 + j);
+    for (int v = 0; v < kVecs; ++v)
+      fold_step<M, acc_t>(load_vec<V>(dot + j + v * W), load_vec<V>(code + j + v * W), group, bs[v], bi[v]);
   }
-  for (; j < n; ++j) {
-    const int l = int(j % kLanes);
-    const acc_t s = score<M, acc_t>(dot[j], code[j]);
-    if (s < best.score[l]) {
-      best.score[l] = s;
-      best.index[l] = int32_t(k0 + j);
-    }
-  }
+  best.store(bs, bi);
+  for (int64_t t = j; t < n; ++t) fold_one<M, acc_t>(dot[t], code[t], k0 + j, int(t - j), best);
 }
 
 // Small-D micro-kernel: dots of kMicroRows rows against codes k0 .. k0+n-1 of
@@ -174,32 +253,34 @@ template <int M, typename acc_t>
 VQ_CPU_CLONES void small_d_block(const acc_t* __restrict zrows, int64_t rows, int64_t D,
                                  const acc_t* __restrict cbt, int64_t K, const acc_t* __restrict code, int64_t k0,
                                  int64_t n, Lanes<acc_t>* __restrict best) {
-  acc_t dots[kMicroRows][kLanes];
+  using V = typename Simd<acc_t>::v;
+  constexpr int W = Lanes<acc_t>::width, G = Lanes<acc_t>::count;
+  V bs[kMicroRows][kVecs];
+  typename Simd<acc_t>::i bi[kMicroRows][kVecs];
+  for (int r = 0; r < kMicroRows; ++r) best[r < rows ? r : 0].load(bs[r], bi[r]);
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int r = 0; r < kMicroRows; ++r)
-      for (int l = 0; l < kLanes; ++l) dots[r][l] = 0;
+  for (; j + G <= n; j += G) {
+    V dots[kMicroRows][kVecs] = {};
     for (int64_t d = 0; d < D; ++d) {
       const acc_t* c = cbt + offset2d(d, k0 + j, K);
-      for (int r = 0; r < kMicroRows; ++r) {
-        const acc_t zd = zrows[r * D + d];
-        for (int l = 0; l < kLanes; ++l) dots[r][l] += zd * c[l];
+      for (int v = 0; v < kVecs; ++v) {
+        const V cv = load_vec<V>(c + v * W);
+        for (int r = 0; r < kMicroRows; ++r) dots[r][v] += zrows[r * D + d] * cv;
       }
     }
-    for (int r = 0; r < rows; ++r) fold<M, acc_t>(dots[r], code + k0 + j, kLanes, int32_t(k0 + j), best[r]);
+    const auto group = broadcast_group<acc_t>(k0 + j);
+    for (int v = 0; v < kVecs; ++v) {
+      const V cterm = load_vec<V>(code + k0 + j + v * W);
+      for (int r = 0; r < kMicroRows; ++r) fold_step<M, acc_t>(dots[r][v], cterm, group, bs[r][v], bi[r][v]);
+    }
   }
-  if (j < n) {  // tail: fewer than kLanes codes
-    const int64_t t = n - j;
+  for (int r = 0; r < rows; ++r) best[r].store(bs[r], bi[r]);
+  for (int64_t t = j; t < n; ++t)  // tail: fewer than a lane group of codes
     for (int r = 0; r < rows; ++r) {
-      acc_t tail[kLanes];
-      for (int64_t l = 0; l < t; ++l) {
-        acc_t acc = 0;
-        for (int64_t d = 0; d < D; ++d) acc += zrows[r * D + d] * cbt[offset2d(d, k0 + j + l, K)];
-        tail[l] = acc;
-      }
-      fold<M, acc_t>(tail, code + k0 + j, t, int32_t(k0 + j), best[r]);
+      acc_t acc = 0;
+      for (int64_t d = 0; d < D; ++d) acc += zrows[r * D + d] * cbt[offset2d(d, k0 + t, K)];
+      fold_one<M, acc_t>(acc, code[k0 + t], k0 + j, int(t - j), best[r]);
     }
-  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -222,11 +303,14 @@ template <typename acc_t>
 std::pair<acc_t, int64_t> merge_lanes(const Lanes<acc_t>& best) {
   acc_t bs = std::numeric_limits<acc_t>::infinity();
   int64_t bi = -1;
-  for (int l = 0; l < kLanes; ++l)
-    if (best.index[l] >= 0 && better(best.score[l], int64_t(best.index[l]), bs, bi)) {
+  for (int l = 0; l < Lanes<acc_t>::count; ++l) {
+    if (best.index[l] < 0) continue;
+    const int64_t k = int64_t(best.index[l]) + l;  // the group's first code + the lane's offset
+    if (better(best.score[l], k, bs, bi)) {
       bs = best.score[l];
-      bi = best.index[l];
+      bi = k;
     }
+  }
   return {bs, bi};
 }
 
@@ -326,7 +410,7 @@ void search(const scalar_t* z, int64_t N, const PreparedCodebook<acc_t>& cb, Sca
           const int64_t n = std::min(kCodeBlock, c_end - k0);
           dot_tile(zblk.data(), rows, cb.rows.data() + offset2d(k0, 0, D), n, D, tile.data(), gemm, acc_dtype);
           for (int64_t r = 0; r < rows; ++r)
-            fold<M, acc_t>(tile.data() + r * n, cb.code.data() + k0, n, int32_t(k0), best[r]);
+            fold<M, acc_t>(tile.data() + r * n, cb.code.data() + k0, n, k0, best[r]);
         }
       }
       for (int64_t r = 0; r < rows; ++r) {

@@ -250,10 +250,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int l = 0; l < LV; ++l)
     if (row0 + lr + l * ROW_STEP < N) z_rows_valid |= 1u << l;
 
-  // Loads are unconditional (out-of-range or !live vectors read as zero) so
-  // that they are issued before the multiply of the current slice instead of
-  // being sunk into a branch behind it. With D % VEC == 0 a vector is either
-  // entirely inside the row or entirely past its end.
+  // The prefetch is not wrapped in `if (has_next)`: past the end (!live) or
+  // out of range, vectors just read as zero. That keeps the loads ahead of the
+  // multiply of the current slice rather than sunk into a branch behind it.
+  // With D % VEC == 0 a vector is either entirely inside its row or past it.
   P ra[LV], rb[LV];
   const int64_t row_step = int64_t(ROW_STEP) * D;  // elements between a thread's rows
   const int64_t z_base = offset2d(row0 + lr, lq, D);

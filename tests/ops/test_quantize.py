@@ -43,23 +43,72 @@ def check_against_autograd(backend, n, k, d, dtype, metric, estimator, through, 
         torch.testing.assert_close(a.double(), bref, rtol=tol, atol=tol * max(float(bref.abs().max()), 1.0))
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+# Shapes per backend: the Triton kernels run under the interpreter here (slow), so
+# they get small shapes that still cover several row / code tiles and D chunks
+# (interpreter tiles: 32 rows, 64 codes, 32-64 columns).
+SHAPES = {
+    "default": [(1, 1, 1), (7, 3, 3), (300, 64, 16), (257, 1024, 64), (100, 33, 100)],
+    "triton": [(1, 1, 1), (7, 3, 3), (40, 70, 16), (33, 9, 100)],
+}
+DTYPE_SHAPES = {
+    "default": [(200, 128, 32), (100, 50, 64)],
+    "triton": [(40, 70, 32), (20, 9, 64)],
+}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("through", [False, True])
 def test_forward_backward_vs_autograd(backend, metric, estimator, through):
     require_backend(backend)
-    for n, k, d in [(1, 1, 1), (7, 3, 3), (300, 64, 16), (257, 1024, 64), (100, 33, 100)]:
+    for n, k, d in SHAPES.get(backend, SHAPES["default"]):
         check_against_autograd(backend, n, k, d, torch.float64, metric, estimator, through)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dtypes(backend, dtype):
     require_backend(backend)
+    (n1, k1, d1), (n2, k2, d2) = DTYPE_SHAPES.get(backend, DTYPE_SHAPES["default"])
     for metric in METRICS:
-        check_against_autograd(backend, 200, 128, 32, dtype, metric, "ste", False)
-        check_against_autograd(backend, 100, 50, 64, dtype, metric, "rotation", True)
+        check_against_autograd(backend, n1, k1, d1, dtype, metric, "ste", False)
+        check_against_autograd(backend, n2, k2, d2, dtype, metric, "rotation", True)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("metric", METRICS)
+def test_triton_codebook_gradient_modes(deterministic, metric):
+    """The Triton backward sums the codebook gradient with atomics, or (deterministic
+    algorithms on) as a sorted segment sum: both against the reference, the latter
+    bit-identical across runs."""
+    require_backend("triton")
+    from vqfast.reference.quantize import ESTIMATORS as EST, quantize_backward
+    from vqfast.reference.nearest_code import METRICS as MET
+    z = torch.randn(100, 40, dtype=torch.float64)
+    cb = torch.randn(3, 40, dtype=torch.float64)  # few codes: many rows per code, several row tiles
+    r = vqfast.quantize(z, cb, metric=metric, backend="triton")
+    gq = torch.randn_like(z)
+    gc, gb = torch.tensor(0.7, dtype=torch.float64), torch.tensor(1.3, dtype=torch.float64)
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        # The codebook gradient does not depend on the estimator; through_output adds g_q.
+        for estimator, through in (("ste", False), ("rotation", True)):
+            runs = []
+            for _ in range(2 if deterministic else 1):
+                zr, cbr = z.clone().requires_grad_(), cb.clone().requires_grad_()
+                out = vqfast.quantize(zr, cbr, metric=metric, estimator=estimator,
+                                      codebook_grad_through_output=through, backend="triton")
+                assert torch.equal(out.indices, r.indices)
+                runs.append(torch.autograd.grad((out.z_q * gq).sum() + gc * out.commit_loss
+                                                + gb * out.codebook_loss, (zr, cbr)))
+            want = quantize_backward(gq, gc, gb, z, cb, r.indices, MET[metric], EST[estimator], through)
+            for got, ref in zip(runs[0], want):
+                torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9 * max(float(ref.abs().max()), 1.0))
+            if deterministic:
+                assert all(torch.equal(a, b) for a, b in zip(*runs))
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
@@ -109,7 +158,7 @@ def test_gradcheck_float64(backend):
             torch.autograd.gradcheck(output, (cb,), eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
 def test_opcheck(backend):
     require_backend(backend)
     from vqfast.ops.quantize import backward_op_for, forward_op_for
@@ -174,7 +223,7 @@ def test_bad_input():
 
 
 def test_empty_input():
-    for backend in ("cpu", "torch"):
+    for backend in ("cpu", "torch", "triton"):
         z, cb = torch.randn(0, 8, requires_grad=True), torch.randn(16, 8, requires_grad=True)
         r = vqfast.quantize(z, cb, backend=backend)
         assert r.z_q.shape == (0, 8) and r.indices.shape == (0,)
