@@ -5,6 +5,7 @@ Environment:
   VQFAST_BUILD_CUDA=0/1     force the CUDA kernels off/on (default: auto)
   TORCH_CUDA_ARCH_LIST      GPU architectures (default "8.0;9.0+PTX")
   VQFAST_DEBUG=1            -O0 -g
+  VQFAST_LINEINFO=1         keep CUDA source-line info for profilers (Nsight)
 """
 import glob
 import os
@@ -94,8 +95,9 @@ def extensions():
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     sources += sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
     include_dirs += nvidia_wheel_include_dirs()
-    nvcc = opt + [STABLE_ABI, "-DUSE_CUDA", "-std=c++17", "--expt-relaxed-constexpr",
-                  "-lineinfo", "-Xptxas=-warn-spills"]
+    nvcc = opt + [STABLE_ABI, "-DUSE_CUDA", "-std=c++17", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills"]
+    if os.environ.get("VQFAST_LINEINFO") == "1" or debug:  # source lines for profilers; triples the .so
+        nvcc.append("-lineinfo")
     return [CUDAExtension("vqfast._C", sources, include_dirs=include_dirs,
                           extra_compile_args={"cxx": cxx + ["-DUSE_CUDA"], "nvcc": nvcc},
                           py_limited_api=True)]

@@ -210,6 +210,123 @@ def bench_nearest_code(sizes, device: torch.device, *, skip_slow_peers_above: fl
     return rows, {"sgemm_gflops": peak, "threads": torch.get_num_threads(), "notes": notes}
 
 
+# ---- quantize (forward + backward) and the EMA update --------------------------------
+
+QUANTIZE_SIZES = [(65536, 8192, 64)]
+QUANTIZE_QUICK_SIZES = [(8192, 1024, 64)]
+
+
+def plain_torch_quantizer(z, cb):
+    """What a user writes today: cdist/argmin, embedding lookup, two MSE losses, STE."""
+    idx = torch.cdist(z, cb).argmin(-1)
+    zq = torch.nn.functional.embedding(idx, cb)
+    commit = torch.nn.functional.mse_loss(z, zq.detach())
+    cb_loss = torch.nn.functional.mse_loss(z.detach(), zq)
+    return z + (zq - z).detach(), idx, commit, cb_loss
+
+
+def _vq_pytorch(d: int, k: int, ema: bool, device):
+    try:
+        from vector_quantize_pytorch import VectorQuantize
+    except ImportError:
+        return None
+    layer = VectorQuantize(dim=d, codebook_size=k, decay=0.99, commitment_weight=0.25,
+                           learnable_codebook=not ema, ema_update=ema).to(device)
+    return layer.train()
+
+
+def quantize_methods(n: int, k: int, d: int, device: torch.device):
+    """(name -> step(z)) for a learnable-codebook step and an EMA step; each runs forward and backward."""
+    torch.manual_seed(0)
+    cb = torch.nn.Parameter(torch.randn(k, d, device=device))
+    cs = torch.ones(k, device=device)
+    ea = cb.detach().clone()
+    g = torch.randn(n, d, device=device)
+    methods, notes = {}, {}
+
+    def vqfast_learnable(z, backend):
+        r = vqfast.quantize(z, cb, backend=backend)
+        ((r.z_q * g).sum() + 0.25 * r.commit_loss + r.codebook_loss).backward()
+
+    def vqfast_ema(z, backend):
+        r = vqfast.quantize(z, cb.detach(), backend=backend)
+        ((r.z_q * g).sum() + 0.25 * r.commit_loss).backward()
+        vqfast.ema_update_(cb.data, cs, ea, z.detach(), r.indices, decay=0.99, backend=backend)
+
+    def plain_learnable(z):
+        zq, _, c, b = plain_torch_quantizer(z, cb)
+        ((zq * g).sum() + 0.25 * c + b).backward()
+
+    for name in registry.available(device.type):
+        if name == "triton" and device.type == "cpu":
+            continue
+        methods[f"learnable vqfast[{name}]"] = (lambda b: lambda z: vqfast_learnable(z, b))(name)
+        methods[f"ema vqfast[{name}]"] = (lambda b: lambda z: vqfast_ema(z, b))(name)
+    methods["learnable plain torch"] = plain_learnable
+    for ema in (False, True):
+        layer = _vq_pytorch(d, k, ema, device)
+        label = f"{'ema' if ema else 'learnable'} vector-quantize-pytorch"
+        if layer is None:
+            notes[label] = "vector-quantize-pytorch not installed (pip install vector-quantize-pytorch)"
+            continue
+        with torch.no_grad():
+            layer._codebook.embed.copy_(cb.detach()[None])
+
+        def vq_step(z, layer=layer):
+            out, _, loss = layer(z[None])
+            ((out[0] * g).sum() + loss.sum()).backward()
+
+        methods[label] = vq_step
+    return methods, notes
+
+
+def bench_quantize(sizes, device: torch.device) -> tuple[list[Row], dict]:
+    mem = PeakMemory(device)
+    rows: list[Row] = []
+    notes: dict = {}
+    for n, k, d in sizes:
+        methods, notes = quantize_methods(n, k, d, device)
+        z = torch.randn(n, d, device=device, requires_grad=True)
+        size_rows = []
+        for name, fn in methods.items():
+            row = Row((n, k, d), name)
+            row.peak_bytes = mem.measure(lambda: fn(z))
+            row.extra["nk_matrix_bytes"] = n * k * 4
+            size_rows.append(row)
+        for row in size_rows:
+            fn = methods[row.method]
+            row.seconds = time_call(lambda: fn(z), device)
+            # forward search + backward: ~2 N K D for the search, the rest is O(N D)
+            row.gflops = 2.0 * n * k * d / row.seconds / 1e9
+        rows += size_rows
+    return rows, {"threads": torch.get_num_threads(), "notes": notes}
+
+
+def format_quantize_table(rows: list[Row], meta: dict, title: str) -> str:
+    out = [f"{title}  (threads={meta['threads']}; one training step = forward + backward (+ EMA update))"]
+    head = f"{'N':>7} {'K':>6} {'D':>4}  {'method':<36} {'median':>9} {'vs plain torch':>14} {'vs vq-pytorch':>13} {'peak extra':>12}"
+    out += [head, "-" * len(head)]
+    by_size: dict[tuple, list[Row]] = {}
+    for r in rows:
+        by_size.setdefault(r.size, []).append(r)
+    for size, group in by_size.items():
+        ref = {r.method: r.seconds for r in group}
+        for r in group:
+            n, k, d = size
+            kind = r.method.split()[0]
+            plain = ref.get("learnable plain torch")
+            vqp = ref.get(f"{kind} vector-quantize-pytorch")
+            vs_plain = f"{plain / r.seconds:13.2f}x" if plain else f"{'-':>14}"
+            vs_vqp = f"{vqp / r.seconds:12.2f}x" if vqp else f"{'-':>13}"
+            out.append(f"{n:>7} {k:>6} {d:>4}  {r.method:<36} {r.seconds * 1e3:7.1f}ms {vs_plain} {vs_vqp} "
+                       f"{_fmt_bytes(r.peak_bytes):>12}")
+    for name, note in meta.get("notes", {}).items():
+        out.append(f"note: {name}: {note}")
+    out.append("ratios: the other method's time divided by this one's (>1 = this one is faster); "
+               "'vs vq-pytorch' compares like with like (learnable with learnable, EMA with EMA).")
+    return "\n".join(out)
+
+
 # ---- report ---------------------------------------------------------------------
 
 def _fmt_bytes(b: int | None) -> str:
@@ -262,13 +379,21 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     p.add_argument("--gpu-sizes", action="store_true", help="N=262144, K in {1024,16384}, D in {64,256}")
     p.add_argument("--threads", type=int, default=None, help="torch (and faiss) thread count")
+    p.add_argument("--op", choices=("all", "nearest_code", "quantize"), default="all",
+                   help="which suite to run (default: all)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sizes = args.size or (QUICK_SIZES if args.quick else GPU_SIZES if args.gpu_sizes else DEFAULT_SIZES)
-    rows, meta = bench_nearest_code(sizes, device)
-    print(format_table(rows, meta, f"nearest_code on {device.type}"))
+    if args.op in ("all", "nearest_code"):
+        rows, meta = bench_nearest_code(sizes, device)
+        print(format_table(rows, meta, f"nearest_code on {device.type}"), flush=True)
+    if args.op in ("all", "quantize"):
+        qsizes = args.size or (QUANTIZE_QUICK_SIZES if args.quick else QUANTIZE_SIZES)
+        rows, meta = bench_quantize(qsizes, device)
+        print()
+        print(format_quantize_table(rows, meta, f"quantize training step on {device.type}"))
     return 0
 
 

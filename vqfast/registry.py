@@ -62,9 +62,11 @@ def extension_has_op(op: str) -> bool:
     return mod is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"vqfast::{op}", "CPU")
 
 
-# The public op -> the name of its kernel: the C++ schema in csrc/vqfast.cpp and
-# the module in vqfast/triton/.
+# The public op -> the name of its kernel: the C++ schema in csrc/vqfast.cpp.
 KERNEL_OF = {"nearest_code": "nearest_code", "quantize": "quantize_forward", "ema_update_": "ema_update_"}
+# The public op -> its module in vqfast/triton/ (quantize's forward and backward share one,
+# vqfast/triton/quantize.py, which vqfast/ops/quantize.py imports).
+TRITON_MODULE_OF = {"nearest_code": "nearest_code", "quantize": "quantize", "ema_update_": "ema_update_"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,7 +78,7 @@ def op_reason(backend: str, op: str) -> str:
         if _extension()[0] is not None and not extension_has_kernel(kernel, key):
             return f"vqfast._C has no {key} kernel for {op}"
     elif backend == "triton":
-        if importlib.util.find_spec(f"vqfast.triton.{kernel}") is None:
+        if importlib.util.find_spec(f"vqfast.triton.{TRITON_MODULE_OF.get(op, kernel)}") is None:
             return f"no Triton kernel for {op}"
     return ""
 

@@ -16,13 +16,15 @@ from vqfast.ops.validation import check_choice, check_codebook, check_float_tens
 from vqfast.reference import ema as reference
 
 
-@torch.library.custom_op("vqfast::ema_update__torch", mutates_args=("codebook", "cluster_size", "embed_avg"))
+@torch.library.custom_op("vqfast::ema_update__torch", mutates_args=("codebook", "cluster_size", "embed_avg"),
+                        device_types=("cpu", "cuda"))
 def _ema_torch(codebook: torch.Tensor, cluster_size: torch.Tensor, embed_avg: torch.Tensor, z: torch.Tensor,
                indices: torch.Tensor, decay: float, eps: float) -> None:
     reference.ema_update_(codebook, cluster_size, embed_avg, z, indices, decay, eps)
 
 
-@torch.library.custom_op("vqfast::ema_update__triton", mutates_args=("codebook", "cluster_size", "embed_avg"))
+@torch.library.custom_op("vqfast::ema_update__triton", mutates_args=("codebook", "cluster_size", "embed_avg"),
+                        device_types=("cpu", "cuda"))
 def _ema_triton(codebook: torch.Tensor, cluster_size: torch.Tensor, embed_avg: torch.Tensor, z: torch.Tensor,
                 indices: torch.Tensor, decay: float, eps: float) -> None:
     from vqfast.triton.ema_update_ import ema_update_triton_

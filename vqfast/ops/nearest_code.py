@@ -16,12 +16,12 @@ from vqfast.reference import nearest_code as reference  # the module
 from vqfast.reference.nearest_code import METRICS, NORM_EPS, accumulation_dtype
 
 
-@torch.library.custom_op("vqfast::nearest_code_torch", mutates_args=())
+@torch.library.custom_op("vqfast::nearest_code_torch", mutates_args=(), device_types=("cpu", "cuda"))
 def _torch_op(z: torch.Tensor, codebook: torch.Tensor, metric: int) -> tuple[torch.Tensor, torch.Tensor]:
     return reference.nearest_code(z, codebook, metric)
 
 
-@torch.library.custom_op("vqfast::nearest_code_triton", mutates_args=())
+@torch.library.custom_op("vqfast::nearest_code_triton", mutates_args=(), device_types=("cpu", "cuda"))
 def _triton_op(z: torch.Tensor, codebook: torch.Tensor, metric: int) -> tuple[torch.Tensor, torch.Tensor]:
     from vqfast.triton.nearest_code import nearest_code_triton
 

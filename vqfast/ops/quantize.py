@@ -37,14 +37,14 @@ def _losses_from_sq_err(sq_err: torch.Tensor, numel: int):
     return loss, loss.clone()
 
 
-@torch.library.custom_op("vqfast::quantize_forward_torch", mutates_args=())
+@torch.library.custom_op("vqfast::quantize_forward_torch", mutates_args=(), device_types=("cpu", "cuda"))
 def _forward_torch(z: torch.Tensor, codebook: torch.Tensor, metric: int, estimator: int,
                    through_output: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     zq, idx, sq_err = reference.quantize_forward(z, codebook, metric)
     return (zq, idx, *_losses_from_sq_err(sq_err, z.numel()))
 
 
-@torch.library.custom_op("vqfast::quantize_backward_torch", mutates_args=())
+@torch.library.custom_op("vqfast::quantize_backward_torch", mutates_args=(), device_types=("cpu", "cuda"))
 def _backward_torch(grad_zq: torch.Tensor, grad_commit: torch.Tensor, grad_codebook_loss: torch.Tensor,
                     z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, metric: int, estimator: int,
                     through_output: bool, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +52,7 @@ def _backward_torch(grad_zq: torch.Tensor, grad_commit: torch.Tensor, grad_codeb
                                        estimator, through_output)
 
 
-@torch.library.custom_op("vqfast::quantize_forward_triton", mutates_args=())
+@torch.library.custom_op("vqfast::quantize_forward_triton", mutates_args=(), device_types=("cpu", "cuda"))
 def _forward_triton(z: torch.Tensor, codebook: torch.Tensor, metric: int, estimator: int,
                     through_output: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from vqfast.triton.quantize import quantize_forward_triton
@@ -60,7 +60,7 @@ def _forward_triton(z: torch.Tensor, codebook: torch.Tensor, metric: int, estima
     return quantize_forward_triton(z, codebook, metric)
 
 
-@torch.library.custom_op("vqfast::quantize_backward_triton", mutates_args=())
+@torch.library.custom_op("vqfast::quantize_backward_triton", mutates_args=(), device_types=("cpu", "cuda"))
 def _backward_triton(grad_zq: torch.Tensor, grad_commit: torch.Tensor, grad_codebook_loss: torch.Tensor,
                      z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, metric: int, estimator: int,
                      through_output: bool, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
