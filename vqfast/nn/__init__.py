@@ -1,0 +1,4 @@
+"""Drop-in nn.Modules built on vqfast's fused ops."""
+from vqfast.nn.vector_quantize import LossBreakdown, VectorQuantize
+
+__all__ = ["VectorQuantize", "LossBreakdown"]
