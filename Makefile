@@ -14,6 +14,8 @@ $(VENV)/.deps: requirements.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements.txt
+	# taming's model modules need only torch; its declared dependencies are heavy
+	$(PY) -m pip install -q --no-deps taming-transformers
 	touch $@
 
 build: $(VENV)/.deps
