@@ -49,12 +49,16 @@ def _ema_op_for(backend: str):
             "triton": torch.ops.vqfast.ema_update__triton.default}[backend]
 
 
-def check_indices(op: str, indices, shape: torch.Size, num_codes: int) -> None:
-    """indices: int64 of the given shape with values in [0, num_codes)."""
+def check_indices(op: str, indices, shape: torch.Size, num_codes: int, device: torch.device | None = None) -> None:
+    """indices: int64 of the given shape, on `device` when given, with values in [0, num_codes)."""
     if not isinstance(indices, torch.Tensor):
         raise TypeError(f"{op}: indices must be a torch.Tensor, got {type(indices).__name__}")
     if indices.dtype != torch.int64:
         raise TypeError(f"{op}: indices must be int64, got {indices.dtype}")
+    if device is not None and indices.device != device:
+        raise ValueError(f"{op}: indices must be on {device} like the other tensors, got {indices.device}")
+    if indices.device.type == "meta":
+        raise ValueError(f"{op}: indices must hold values (not on the meta device) to be range-checked")
     if indices.shape != shape:
         raise ValueError(f"{op}: indices must have shape {tuple(shape)}, got {tuple(indices.shape)}")
     if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_codes):
@@ -98,7 +102,7 @@ def ema_update_(codebook: torch.Tensor, cluster_size: torch.Tensor, embed_sum: t
     """
     _check_buffers("ema_update_", codebook, cluster_size, embed_sum)
     check_vectors("ema_update_", z, codebook)
-    check_indices("ema_update_", indices, z.shape[:-1], codebook.shape[0])
+    check_indices("ema_update_", indices, z.shape[:-1], codebook.shape[0], codebook.device)
     if not (isinstance(decay, (int, float)) and 0.0 <= decay <= 1.0):
         raise ValueError(f"ema_update_: decay must be a float in [0, 1], got {decay!r}")
     if not (isinstance(eps, (int, float)) and eps >= 0.0):
@@ -164,6 +168,7 @@ def kmeans(z: torch.Tensor, num_clusters: int, iters: int = 10, *, metric: str =
         raise ValueError(f"kmeans: z must have shape (..., D) with D >= 1, got {tuple(z.shape)}")
     check_choice("kmeans", "metric", metric, ("l2", "cosine"))
     check_choice("kmeans", "init", init, ("kmeans++", "random"))
+    registry.resolve(backend, z.device, "nearest_code")  # a bad backend fails here, before any work
     x = z.reshape(-1, z.shape[-1])
     x = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     n = x.shape[0]

@@ -77,9 +77,11 @@ def nearest_code(z: torch.Tensor, codebook: torch.Tensor, metric: int, *,
     for r0 in range(0, n, rows):
         zc = z[r0:r0 + rows]
         s = scores(zc, codebook, metric, code)
-        # argmin takes NaN as the minimum; our rule is that NaN never wins.
-        s = torch.where(torch.isnan(s), torch.full_like(s, float("inf")), s)
-        best, arg = s.min(dim=-1)  # first occurrence of the minimum on ties
+        # argmin takes NaN as the minimum; our rule is that NaN never wins. A
+        # row with no number at all keeps code 0 and its NaN score.
+        nan = torch.isnan(s)
+        best, arg = torch.where(nan, torch.full_like(s, float("inf")), s).min(dim=-1)  # first minimum on ties
+        best = torch.where(nan.all(dim=-1), torch.full_like(best, float("nan")), best)
         idx[r0:r0 + rows] = arg
         dist[r0:r0 + rows] = finalize(best, zc, metric)
     return idx, dist
