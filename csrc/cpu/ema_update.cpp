@@ -11,6 +11,7 @@
 #include <cmath>
 #include <vector>
 
+#include "common/checks.h"
 #include "cpu/code_groups.h"
 #include "cpu/search.h"
 
@@ -71,17 +72,8 @@ void ema_impl(Tensor& codebook, Tensor& cluster_size, Tensor& embed_avg, const T
 
 void ema_update_cpu(Tensor& codebook, Tensor& cluster_size, Tensor& embed_avg, const Tensor& z, const Tensor& idx,
                     double decay, double eps) {
-  STD_TORCH_CHECK(codebook.dim() == 2 && embed_avg.dim() == 2 && cluster_size.dim() == 1,
-                  "ema_update_: codebook and embed_avg must be (K, D), cluster_size (K,)");
-  STD_TORCH_CHECK(codebook.is_contiguous() && embed_avg.is_contiguous() && cluster_size.is_contiguous(),
-                  "ema_update_: buffers must be contiguous");
-  STD_TORCH_CHECK(z.dim() == 2 && z.size(1) == codebook.size(1), "ema_update_: z must be (N, D)");
-  STD_TORCH_CHECK(idx.dim() == 1 && idx.size(0) == z.size(0) && idx.scalar_type() == ScalarType::Long,
-                  "ema_update_: indices must be int64 (N,)");
+  check_ema_inputs(codebook, cluster_size, embed_avg, z, idx);
   const ScalarType bt = codebook.scalar_type();
-  STD_TORCH_CHECK(bt == ScalarType::Float || bt == ScalarType::Double, "ema_update_: buffers must be float32/float64");
-  STD_TORCH_CHECK(cluster_size.scalar_type() == bt && embed_avg.scalar_type() == bt,
-                  "ema_update_: codebook, cluster_size and embed_avg must share a dtype");
   Tensor zc = torch::stable::contiguous(z), ic = torch::stable::contiguous(idx);
   VQFAST_CPU_DISPATCH_FLOAT(zc.scalar_type(), "ema_update_", [&] {
     if (bt == ScalarType::Double) ema_impl<double, scalar_t>(codebook, cluster_size, embed_avg, zc, ic, decay, eps);

@@ -17,6 +17,7 @@
 //                        cluster_size.
 // Sums in the buffers' dtype (float32 or float64); 64-bit offsets.
 #include "code_groups.cuh"
+#include "common/checks.h"
 #include "common.cuh"
 
 #include <climits>
@@ -142,20 +143,8 @@ void ema_impl(Tensor& codebook, Tensor& cluster_size, Tensor& embed_avg, const T
 
 void ema_update_cuda(Tensor& codebook, Tensor& cluster_size, Tensor& embed_avg, const Tensor& z, const Tensor& idx,
                      double decay, double eps) {
-  STD_TORCH_CHECK(codebook.dim() == 2 && embed_avg.dim() == 2 && cluster_size.dim() == 1,
-                  "ema_update_: codebook and embed_avg must be (K, D), cluster_size (K,)");
-  STD_TORCH_CHECK(embed_avg.size(0) == codebook.size(0) && embed_avg.size(1) == codebook.size(1) &&
-                      cluster_size.size(0) == codebook.size(0),
-                  "ema_update_: codebook and embed_avg must be (K, D), cluster_size (K,)");
-  STD_TORCH_CHECK(codebook.is_contiguous() && embed_avg.is_contiguous() && cluster_size.is_contiguous(),
-                  "ema_update_: buffers must be contiguous");
-  STD_TORCH_CHECK(z.dim() == 2 && z.size(1) == codebook.size(1), "ema_update_: z must be (N, D)");
-  STD_TORCH_CHECK(idx.dim() == 1 && idx.size(0) == z.size(0) && idx.scalar_type() == ScalarType::Long,
-                  "ema_update_: indices must be int64 (N,)");
+  check_ema_inputs(codebook, cluster_size, embed_avg, z, idx);
   const ScalarType bt = codebook.scalar_type();
-  STD_TORCH_CHECK(bt == ScalarType::Float || bt == ScalarType::Double, "ema_update_: buffers must be float32/float64");
-  STD_TORCH_CHECK(cluster_size.scalar_type() == bt && embed_avg.scalar_type() == bt,
-                  "ema_update_: codebook, cluster_size and embed_avg must share a dtype");
   const int32_t device_index = codebook.get_device_index();
   for (const Tensor* t : std::initializer_list<const Tensor*>{&codebook, &cluster_size, &embed_avg, &z, &idx})
     STD_TORCH_CHECK(t->is_cuda() && t->get_device_index() == device_index,

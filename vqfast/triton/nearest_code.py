@@ -257,14 +257,21 @@ CODE_TERM_BLOCK = {"BLOCK_K": 32, "BLOCK_D": 64}
 _MAX_BLOCK_ROWS = max(max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in GPU_CONFIGS)
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """The input dtype's configs, without BLOCK_D wider than D needs."""
-    D = named_args["D"]
-    mine = {id(c) for c in _CONFIGS_FOR[named_args["z_ptr"].dtype]}
-    mine = [c for c in configs if id(c) in mine]
-    dmax = max(16, triton.next_power_of_2(D))
-    fit = [c for c in mine if c.kwargs["BLOCK_D"] <= dmax]
-    return fit or [min(mine, key=lambda c: c.kwargs["BLOCK_D"])]
+def config_pruner(configs_for):
+    """An autotune pruner keeping the input dtype's configs (``configs_for[z.dtype]``),
+    without BLOCK_D wider than D needs."""
+    def prune(configs, named_args, **kwargs):
+        D = named_args["D"]
+        mine = {id(c) for c in configs_for[named_args["z_ptr"].dtype]}
+        mine = [c for c in configs if id(c) in mine]
+        dmax = max(16, triton.next_power_of_2(D))
+        fit = [c for c in mine if c.kwargs["BLOCK_D"] <= dmax]
+        return fit or [min(mine, key=lambda c: c.kwargs["BLOCK_D"])]
+
+    return prune
+
+
+_prune_configs = config_pruner(_CONFIGS_FOR)
 
 
 _nearest_code_autotuned = triton.autotune(

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vqfast.triton.nearest_code import (_NO_INDEX, _NORM_EPS, _code_term_kernel, _inv_norm, _merge_tile,
+from vqfast.triton.nearest_code import (_NO_INDEX, _NORM_EPS, _code_term_kernel, _inv_norm, _merge_tile, config_pruner,
                                         _tile_dot)
 
 __all__ = ["quantize_forward_triton", "quantize_backward_triton", "KERNELS"]
@@ -401,13 +401,7 @@ _FINISH_CODES = 16
 _MAX_BLOCK_ROWS = 256  # every BLOCK_M / BLOCK_N / BLOCK_R / BLOCK_K here is at most this
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    D = named_args["D"]
-    mine = {id(c) for c in _CONFIGS_FOR[named_args["z_ptr"].dtype]}
-    mine = [c for c in configs if id(c) in mine]
-    dmax = max(16, triton.next_power_of_2(D))
-    fit = [c for c in mine if c.kwargs["BLOCK_D"] <= dmax]
-    return fit or [min(mine, key=lambda c: c.kwargs["BLOCK_D"])]
+_prune_configs = config_pruner(_CONFIGS_FOR)
 
 
 _quantize_forward_autotuned = triton.autotune(
