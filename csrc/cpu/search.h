@@ -57,7 +57,14 @@ using torch::headeronly::ScalarType;
 using torch::stable::Tensor;
 
 constexpr int64_t kRowBlock = 128;   // rows per task: the 128 x 512 fp32 tile is 256 KiB, L2-resident
-constexpr int64_t kCodeBlock = 512;  // codes per BLAS call
+constexpr int64_t kCodeBlock = 512;  // codes per BLAS call, at most
+// The code block's fp32 slice (codes x D) is capped at 128 KiB, so block,
+// 256 KiB tile and row block share a 512 KiB L2 at large D as well.
+constexpr int64_t kCodeBlockFloats = 32768;
+
+inline int64_t code_block_for(int64_t D) {
+  return std::max<int64_t>(64, std::min<int64_t>(kCodeBlock, kCodeBlockFloats / std::max<int64_t>(D, 1) / 16 * 16));
+}
 constexpr int64_t kSmallD = 16;
 constexpr int kMicroRows = 2;  // small-D micro-kernel: 2 rows x 16 codes of dots, scores and indices fit in 16 ymm registers
 
@@ -376,7 +383,8 @@ void search(const scalar_t* z, int64_t N, const PreparedCodebook<acc_t>& cb, Sca
   // when N is small (a single row block); partial bests merge in code order.
   const int64_t row_blocks = (N + kRowBlock - 1) / kRowBlock;
   const int64_t threads = std::max<int64_t>(1, torch::stable::get_num_threads());
-  const int64_t code_blocks = (K + kCodeBlock - 1) / kCodeBlock;
+  const int64_t cblock = small_d ? kCodeBlock : code_block_for(D);
+  const int64_t code_blocks = (K + cblock - 1) / cblock;
   const int64_t splits = std::min(code_blocks, std::max<int64_t>(1, (threads + row_blocks - 1) / row_blocks));
   const int64_t blocks_per_split = (code_blocks + splits - 1) / splits;
   std::vector<acc_t> part_score(splits > 1 ? static_cast<size_t>(splits * N) : 0);
@@ -392,8 +400,8 @@ void search(const scalar_t* z, int64_t N, const PreparedCodebook<acc_t>& cb, Sca
       const int64_t rb = task / splits, split = task % splits;
       const int64_t r0 = rb * kRowBlock;
       const int64_t rows = std::min(kRowBlock, N - r0);
-      const int64_t c_begin = split * blocks_per_split * kCodeBlock;
-      const int64_t c_end = std::min(K, (split + 1) * blocks_per_split * kCodeBlock);
+      const int64_t c_begin = split * blocks_per_split * cblock;
+      const int64_t c_end = std::min(K, (split + 1) * blocks_per_split * cblock);
       load_rows(z + offset2d(r0, 0, D), rows, D, zblk.data());
       for (int64_t r = 0; r < rows; ++r) best[r].reset();
       if (small_d) {
@@ -406,8 +414,8 @@ void search(const scalar_t* z, int64_t N, const PreparedCodebook<acc_t>& cb, Sca
                                     std::min(kCodeBlock, c_end - k0), best.data() + r);
         }
       } else if (c_begin < c_end) {
-        for (int64_t k0 = c_begin; k0 < c_end; k0 += kCodeBlock) {
-          const int64_t n = std::min(kCodeBlock, c_end - k0);
+        for (int64_t k0 = c_begin; k0 < c_end; k0 += cblock) {
+          const int64_t n = std::min(cblock, c_end - k0);
           dot_tile(zblk.data(), rows, cb.rows.data() + offset2d(k0, 0, D), n, D, tile.data(), gemm, acc_dtype);
           for (int64_t r = 0; r < rows; ++r)
             fold<M, acc_t>(tile.data() + r * n, cb.code.data() + k0, n, k0, best[r]);
