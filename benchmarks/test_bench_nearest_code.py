@@ -49,4 +49,5 @@ def test_nearest_code(benchmark, method, size):
         return out
 
     benchmark.pedantic(run, rounds=3, warmup_rounds=1)
-    benchmark.extra_info["gflops"] = 2 * n * k * d / benchmark.stats.stats.median / 1e9
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["gflops"] = 2 * n * k * d / benchmark.stats.stats.median / 1e9
