@@ -4,10 +4,11 @@ unsupported-argument errors."""
 import pytest
 import torch
 
+from tests.nn.compare import TOL, assert_same_param_grads, assert_same_state
+
 from vqfast.nn import GroupedResidualVQ, ResidualVQ
 
 B, N, DIM, K, Q = 2, 8, 16, 32, 3
-TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 def vqp():
@@ -20,16 +21,6 @@ def make_pair(grouped=False, **kw):
     ref, ours = cls_ref(**kw), cls_ours(**kw)
     ours.load_state_dict(ref.state_dict())  # strict: same names and shapes
     return ref, ours
-
-
-def assert_same_state(ref, ours):
-    a, b = ref.state_dict(), ours.state_dict()
-    assert list(a) == list(b)
-    for name in a:
-        if a[name].dtype == torch.bool:
-            assert torch.equal(a[name], b[name]), name
-        else:
-            torch.testing.assert_close(b[name], a[name], **TOL, msg=lambda m: f"{name}: {m}")
 
 
 def compare_step(ref, ours, x, seed=0, **fwd):
@@ -56,13 +47,7 @@ def compare_step(ref, ours, x, seed=0, **fwd):
         assert (xo.grad is None) == (xr.grad is None)
         if xr.grad is not None:
             torch.testing.assert_close(xo.grad, xr.grad, **TOL)
-        params_r, params_o = dict(ref.named_parameters()), dict(ours.named_parameters())
-        assert list(params_r) == list(params_o)
-        for name, p in params_r.items():
-            po = params_o[name]
-            assert (po.grad is None) == (p.grad is None), name
-            if p.grad is not None:
-                torch.testing.assert_close(po.grad, p.grad, **TOL, msg=lambda m: f"grad of {name}: {m}")
+        assert_same_param_grads(ref, ours)
     assert_same_state(ref, ours)
     return out_r, out_o
 

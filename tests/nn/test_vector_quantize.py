@@ -6,11 +6,12 @@ import inspect
 import pytest
 import torch
 
+from tests.nn.compare import TOL, assert_same_param_grads, assert_same_state
+
 from vqfast.nn import VectorQuantize
 from vqfast.nn.vector_quantize import UNSUPPORTED_FORWARD_ARGS, UNSUPPORTED_INIT_ARGS, orthogonal_loss
 
 B, N, DIM, K = 2, 16, 32, 64
-TOL = dict(rtol=1e-4, atol=1e-5)
 
 
 def vqp():
@@ -26,16 +27,6 @@ def make_pair(**kw):
     ours = VectorQuantize(**kw)
     ours.load_state_dict(ref.state_dict())  # strict: same names and shapes
     return ref, ours
-
-
-def assert_same_state(ref, ours):
-    a, b = ref.state_dict(), ours.state_dict()
-    assert list(a) == list(b)
-    for name in a:
-        if a[name].dtype == torch.bool:
-            assert torch.equal(a[name], b[name]), name
-        else:
-            torch.testing.assert_close(b[name], a[name], **TOL, msg=lambda m: f"{name}: {m}")
 
 
 def compare_step(ref, ours, x, seed=0, grad_input=True, **fwd):
@@ -65,13 +56,7 @@ def compare_step(ref, ours, x, seed=0, grad_input=True, **fwd):
             assert (xo.grad is None) == (xr.grad is None)
             if xr.grad is not None:
                 torch.testing.assert_close(xo.grad, xr.grad, **TOL)
-        params_r, params_o = dict(ref.named_parameters()), dict(ours.named_parameters())
-        assert list(params_r) == list(params_o)
-        for name, p in params_r.items():
-            po = params_o[name]
-            assert (po.grad is None) == (p.grad is None), name
-            if p.grad is not None:
-                torch.testing.assert_close(po.grad, p.grad, **TOL, msg=lambda m: f"grad of {name}: {m}")
+        assert_same_param_grads(ref, ours)
     assert_same_state(ref, ours)
     return out_r, out_o
 
