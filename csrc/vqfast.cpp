@@ -35,6 +35,14 @@ STABLE_TORCH_LIBRARY(vqfast, m) {
       " Tensor codebook, Tensor indices, int metric, int estimator, bool through_output,"
       " bool deterministic) -> (Tensor, Tensor)");
 
+  // Multi-stage (residual) search, all Q stages in one pass over z
+  // (vqfast/reference/residual.py): codebooks (Q, K, D) contiguous, z's dtype. Stage q picks the
+  // code of codebooks[q] nearest (by metric) to the residual r_q, where r_0 = z and
+  // r_{q+1} = r_q - codebooks[q][i_q], the residual kept in the accumulation dtype (fp32; fp64
+  // for fp64) between stages. Returns indices int64 (N, Q) and distances (N, Q), the distance of
+  // r_q to its chosen code (float32, float64 for float64 input). Not differentiable.
+  m.def("residual_nearest_code(Tensor z, Tensor codebooks, int metric) -> (Tensor, Tensor)");
+
   // EMA codebook update in place (vqfast/reference/ema.py): codebook and embed_avg (K, D),
   // cluster_size (K,), one float dtype; z (N, D); indices int64 (N,).
   m.def(
