@@ -23,6 +23,8 @@ As in taming:
 Differences: rows holding NaN/Inf are left out of the EMA statistics (``vqfast.ema_update_``);
 nearest-code ties between equal distances may resolve differently from taming's expanded
 ``|z|^2 + |e|^2 - 2 z.e`` argmin where the two differ only by rounding.
+vqfast's own option ``check_finite=True`` makes ``forward`` raise ValueError with the count of
+NaN/Inf rows of ``z`` before any kernel runs.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqfast.nn.check_finite import check_finite_rows
 from vqfast.ops import quantize
 from vqfast.ops.codebook import ema_update_
 
@@ -96,8 +99,10 @@ class VectorQuantizer2(_Remap, nn.Module):
 
     backend: str | None = None  # vqfast backend (None: the fastest available)
 
-    def __init__(self, n_e, e_dim, beta, remap=None, unknown_index="random", sane_index_shape=False, legacy=True):
+    def __init__(self, n_e, e_dim, beta, remap=None, unknown_index="random", sane_index_shape=False, legacy=True,
+                 check_finite=False):
         super().__init__()
+        self.check_finite = bool(check_finite)  # vqfast's: NaN/Inf rows of z raise (vqfast/nn/check_finite.py)
         self.n_e = n_e
         self.e_dim = e_dim
         self.beta = beta
@@ -112,6 +117,8 @@ class VectorQuantizer2(_Remap, nn.Module):
         assert rescale_logits is False, "Only for interface compatible with Gumbel"
         assert return_logits is False, "Only for interface compatible with Gumbel"
         zr = _rows(z, self.e_dim)
+        if self.check_finite:
+            check_finite_rows(type(self).__name__, zr, -1, name="z")
         b, h, w, _ = zr.shape
         r = quantize(zr, self.embedding.weight, metric="l2", estimator="ste", backend=self.backend)
         if self.legacy:  # taming's original (beta on the codebook term)
@@ -129,6 +136,28 @@ class VectorQuantizer2(_Remap, nn.Module):
     def get_codebook_entry(self, indices, shape):
         """Codes of flat ``indices``; with ``shape`` (B, H, W, C), returned as (B, C, H, W)."""
         return self._lookup(indices, shape)
+
+
+class VectorQuantizer(VectorQuantizer2):
+    """taming-transformers' first ``VectorQuantizer(n_e, e_dim, beta)``: the loss of
+    ``VectorQuantizer2(legacy=True)``, and its extra outputs: the batch's code perplexity, the
+    one-hot ``min_encodings`` ``(B*H*W, n_e)`` (formed only because the interface returns it)
+    and indices of shape ``(B*H*W, 1)``."""
+
+    def __init__(self, n_e, e_dim, beta, check_finite=False):
+        super().__init__(n_e, e_dim, beta, legacy=True, check_finite=check_finite)
+
+    def forward(self, z):
+        z_q, loss, (_, _, indices) = super().forward(z)
+        counts = torch.bincount(indices, minlength=self.n_e)
+        e_mean = counts.to(z.dtype) / max(indices.numel(), 1)
+        perplexity = torch.exp(-torch.sum(e_mean * torch.log(e_mean + 1e-10)))
+        min_encodings = F.one_hot(indices, self.n_e).to(z.dtype)
+        return z_q, loss, (perplexity, min_encodings, indices.unsqueeze(1))
+
+    def get_codebook_entry(self, indices, shape):
+        """Codes of flat ``indices``; with ``shape`` (B, H, W, C), returned as (B, C, H, W)."""
+        return self._lookup(indices.reshape(-1), shape)
 
 
 class EmbeddingEMA(nn.Module):
@@ -157,8 +186,10 @@ class EMAVectorQuantizer(_Remap, nn.Module):
 
     backend: str | None = None
 
-    def __init__(self, n_embed, embedding_dim, beta, decay=0.99, eps=1e-5, remap=None, unknown_index="random"):
+    def __init__(self, n_embed, embedding_dim, beta, decay=0.99, eps=1e-5, remap=None, unknown_index="random",
+                 check_finite=False):
         super().__init__()
+        self.check_finite = bool(check_finite)  # vqfast's: NaN/Inf rows of z raise (vqfast/nn/check_finite.py)
         self.codebook_dim = embedding_dim
         self.num_tokens = n_embed
         self.beta = beta
@@ -167,6 +198,8 @@ class EMAVectorQuantizer(_Remap, nn.Module):
 
     def forward(self, z):
         zr = _rows(z, self.codebook_dim)
+        if self.check_finite:
+            check_finite_rows(type(self).__name__, zr, -1, name="z")
         b = zr.shape[0]
         emb = self.embedding
         update = self.training and emb.update
