@@ -5,9 +5,13 @@
 * ``long``: selected by ``VQFAST_FUZZ=long`` or by setting
   ``VQFAST_FUZZ_EXAMPLES`` (examples per property, default 500); random seeds.
 
-Count the cases run with ``pytest --hypothesis-show-statistics``.
+The number of examples each property ran to completion is printed at the end of
+the session (and written as JSON to ``$VQFAST_FUZZ_REPORT`` when set); per-phase
+detail with ``pytest --hypothesis-show-statistics``.
 """
+import json
 import os
+import sys
 import tempfile
 
 from hypothesis import HealthCheck, settings
@@ -27,3 +31,19 @@ settings.register_profile("long", max_examples=int(os.environ.get("VQFAST_FUZZ_E
 
 LONG = os.environ.get("VQFAST_FUZZ") == "long" or bool(os.environ.get("VQFAST_FUZZ_EXAMPLES"))
 settings.load_profile("long" if LONG else "ci")
+
+
+def pytest_terminal_summary(terminalreporter):
+    fuzz = sys.modules.get("tests.reliability.test_fuzz")
+    if fuzz is None or not fuzz.EXAMPLES_RUN:
+        return
+    counts = dict(sorted(fuzz.EXAMPLES_RUN.items()))
+    profile = "long" if LONG else "ci"
+    terminalreporter.write_sep("-", f"hypothesis examples run (profile {profile})")
+    for name, n in counts.items():
+        terminalreporter.write_line(f"{n:6d}  {name}")
+    terminalreporter.write_line(f"{sum(counts.values()):6d}  total")
+    path = os.environ.get("VQFAST_FUZZ_REPORT")
+    if path:
+        with open(path, "w") as f:
+            json.dump({"profile": profile, "examples_run": counts, "total": sum(counts.values())}, f, indent=2)

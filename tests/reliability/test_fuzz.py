@@ -6,6 +6,8 @@ Hypothesis run (and its own line in ``--hypothesis-show-statistics``). The
 Triton backend runs under the interpreter (slow), so its shapes are capped.
 Profiles (examples per property) live in tests/reliability/conftest.py.
 """
+import collections
+
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -29,6 +31,10 @@ MAX_SHAPE = {"torch": (200, 64, 70), "cpu": (200, 64, 70), "triton": (64, 24, 48
 _default = settings.default.max_examples
 EXAMPLES = {"torch": _default, "cpu": _default, "triton": max(5, _default * 4 // 5)}
 
+# Examples each property ran to completion (passing, not rejected by assume), printed at the end of
+# the session by tests/reliability/conftest.py and written to $VQFAST_FUZZ_REPORT when set.
+EXAMPLES_RUN = collections.Counter()
+
 
 def _fuzz(backend, check, **strategies):
     """A Hypothesis test of check(backend, p, **drawn) for one backend (its own statistics line)."""
@@ -37,8 +43,10 @@ def _fuzz(backend, check, **strategies):
     def test(p, **drawn):
         require_backend(backend)
         check(backend, p, **drawn)
+        EXAMPLES_RUN[name] += 1
 
-    test.__name__ = f"test_{check.__name__.removeprefix('check_')}_fuzz_{backend}"
+    name = f"test_{check.__name__.removeprefix('check_')}_fuzz_{backend}"
+    test.__name__ = name
     test.__qualname__ = test.__name__
     return test
 

@@ -12,9 +12,10 @@ by vqfast's fused ops:
 * dead-code restart: ``vqfast.expire_codes_``; k-means init: ``vqfast.kmeans``.
 
 No (rows x codebook_size) distance matrix is formed, except in the cross-entropy
-losses (``forward(..., indices=...)`` and ``commitment_use_cross_entropy_loss``),
-which need every logit: those are computed in row chunks (at most
-``_CE_CHUNK_ELEMS`` logits at a time, recomputed in backward).
+losses (``forward(..., indices=...)`` and ``commitment_use_cross_entropy_loss``) and
+in Gumbel sampling (``stochastic_sample_codes``), which need every logit: those are
+computed in row chunks (at most ``_CE_CHUNK_ELEMS`` logits at a time, recomputed in
+backward for the losses).
 """
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ from torch import nn
 
 from vqfast.ops import expire_codes_, kmeans, nearest_code, quantize
 from vqfast.ops.codebook import ema_update_
+from vqfast.reference.ema import code_sums, finite_rows
+from vqfast.nn import distributed
+from vqfast.nn.check_finite import check_finite_rows
+from vqfast.ops.quantize import QuantizeResult
+from vqfast.reference.nearest_code import NORM_EPS
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
 
@@ -41,7 +47,6 @@ _CE_CHUNK_ELEMS = 1 << 22
 UNSUPPORTED_INIT_ARGS = {
     "codebook_diversity_loss_weight": 0.0,
     "codebook_diversity_temperature": 100.0,
-    "stochastic_sample_codes": False,
     "directional_reparam": False,
     "directional_reparam_variance": 5e-3,
     "sync_affine_param": False,
@@ -56,8 +61,6 @@ UNSUPPORTED_INIT_ARGS = {
 UNSUPPORTED_FORWARD_ARGS = {
     "topk": None,
     "codebook_transform_fn": None,
-    "ema_update_weight": None,
-    "accum_ema_update": False,
 }
 
 
@@ -100,14 +103,18 @@ def orthogonal_loss(codes: torch.Tensor) -> torch.Tensor:
     return gram.pow(2).sum() / (h * n ** 2) - 1.0 / n
 
 
-def _ce_chunk(z: torch.Tensor, codebook: torch.Tensor, targets: torch.Tensor, cosine: bool) -> torch.Tensor:
+def _code_logits(z: torch.Tensor, codebook: torch.Tensor, cosine: bool) -> torch.Tensor:
+    """vector-quantize-pytorch's distances (logits) of rows z (M, d) to codes (K, d): z.e for cosine
+    (unit inputs), else -cdist: -sqrt(max(|z|^2 + |e|^2 - 2 z.e, 1e-8))."""
     dot = z @ codebook.t()
     if cosine:
-        logits = dot
-    else:  # vector-quantize-pytorch's -cdist: -sqrt(max(|z|^2 + |e|^2 - 2 z.e, 1e-8))
-        sq = z.pow(2).sum(-1, keepdim=True) + codebook.pow(2).sum(-1) - 2.0 * dot
-        logits = -sq.clamp(min=1e-8).sqrt()
-    return F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum")
+        return dot
+    sq = z.pow(2).sum(-1, keepdim=True) + codebook.pow(2).sum(-1) - 2.0 * dot
+    return -sq.clamp(min=1e-8).sqrt()
+
+
+def _ce_chunk(z: torch.Tensor, codebook: torch.Tensor, targets: torch.Tensor, cosine: bool) -> torch.Tensor:
+    return F.cross_entropy(_code_logits(z, codebook, cosine), targets, ignore_index=-1, reduction="sum")
 
 
 def _cross_entropy_to_codes(z: torch.Tensor, codebook: torch.Tensor, targets: torch.Tensor, cosine: bool):
@@ -129,6 +136,96 @@ def _cross_entropy_to_codes(z: torch.Tensor, codebook: torch.Tensor, targets: to
     return total / (targets != -1).sum()
 
 
+def _quantize_chosen(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, estimator: str = "ste",
+                     codebook_grad_through_output: bool = False) -> QuantizeResult:
+    """``vqfast.quantize``'s outputs (metric l2 / dot) for codes already chosen by a search elsewhere
+    (``vqfast.residual_nearest_code`` in ResidualVQ's fused path): the same values and gradients as the
+    formulas of vqfast/reference/quantize.py, here through detach tricks and autograd. ``z_q`` is the
+    gathered code exactly (the estimator adds a zero-valued term), as the fused op returns it."""
+    code = F.embedding(indices, codebook)
+    sg_code = code.detach()
+    if estimator == "rotation":
+        zn = z.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+        en = sg_code.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+        u, q = (z / zn).detach(), sg_code / en
+        w = F.normalize(u + q, dim=-1, eps=NORM_EPS)
+        rotated = z - 2.0 * (z * w).sum(-1, keepdim=True) * w + 2.0 * (z * u).sum(-1, keepdim=True) * q
+        through_z = rotated * (en / zn).detach()
+    else:
+        through_z = z
+    z_q = sg_code + (through_z - through_z.detach())
+    if codebook_grad_through_output:
+        z_q = z_q + (code - sg_code)
+    commit = (z - sg_code).pow(2).mean()
+    codebook_loss = (z.detach() - code).pow(2).mean()
+    return QuantizeResult(z_q, indices, commit, codebook_loss)
+
+
+@torch.no_grad()
+def gumbel_sample_codes(z: torch.Tensor, codebook: torch.Tensor, temperature: float, cosine: bool,
+                        chunk_elems: int | None = None) -> torch.Tensor:
+    """Codes drawn from softmax(logits / temperature) by the Gumbel-max trick, as
+    vector-quantize-pytorch's ``gumbel_sample(stochastic=True)``: argmax_k(l_ik / T + g_ik) with
+    g = -log(-log(u)), u ~ U(0, 1) (both logs clamped at 1e-20), for rows z (C, M, d) and
+    codebooks (C, K, d); returns (C, M) int64.
+
+    Sampling needs every logit, but never all at once: rows go in chunks of at most ``chunk_elems``
+    (default ``_CE_CHUNK_ELEMS``) logits. The uniforms are drawn chunk by chunk in the (C, M, K)
+    order of vector-quantize-pytorch's single ``uniform_`` call; torch's CPU generator draws
+    serially, so on the CPU a seeded run picks the same codes. CUDA's Philox generator offsets
+    each call, so there the codes follow the same distribution but are other draws.
+    """
+    chunk_elems = _CE_CHUNK_ELEMS if chunk_elems is None else chunk_elems
+    num_cb, m = z.shape[:2]
+    rows = max(1, chunk_elems // max(codebook.shape[1], 1))
+    out = torch.empty(num_cb, m, dtype=torch.int64, device=z.device)
+    for c in range(num_cb):
+        for r0 in range(0, m, rows):
+            logits = _code_logits(z[c, r0:r0 + rows], codebook[c], cosine)
+            # in place, the same ops in the same order as vector-quantize-pytorch: same values
+            gumbel = torch.empty_like(logits).uniform_(0, 1)
+            gumbel.clamp_(min=1e-20).log_().neg_().clamp_(min=1e-20).log_().neg_()
+            out[c, r0:r0 + rows] = logits.div_(temperature).add_(gumbel).argmax(dim=-1)
+    return out
+
+
+def _check_ema_update_weight(weight, num_codebooks: int, codebook_size: int) -> None:
+    """ema_update_weight as vector-quantize-pytorch's ema_inplace takes it: a number, or a float
+    tensor (K,) (one codebook) or (C, K) scaling each code's EMA step."""
+    if weight is None or (isinstance(weight, (int, float)) and not isinstance(weight, bool)):
+        return
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"ema_update_weight must be a number, a tensor or a callable(embed_sum, cluster_size), "
+                        f"got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(f"ema_update_weight must be a floating-point tensor, got {weight.dtype}")
+    shapes = [(num_codebooks, codebook_size)] + ([(codebook_size,)] if num_codebooks == 1 else [])
+    if tuple(weight.shape) not in shapes:
+        raise ValueError(f"ema_update_weight must have shape {' or '.join(map(str, shapes))} (codebooks, codes), "
+                         f"got {tuple(weight.shape)}")
+
+
+def _ema_lerp_(old: torch.Tensor, new: torch.Tensor, decay: float, weight) -> None:
+    """vector-quantize-pytorch's ema_inplace: statistics accumulated by ``accum_ema_update`` (held in
+    ``old.grad``, as there) join this batch's, then old <- lerp(old, new, (1 - decay) * weight)."""
+    if old.grad is not None:
+        new = new + old.grad
+        old.grad = None
+    if isinstance(weight, torch.Tensor):
+        weight = weight.reshape(-1, old.shape[1])                   # (K,) -> (1, K)
+        weight = weight.reshape(*weight.shape, *(1,) * (old.ndim - 2)).to(old)
+    step = (1. - decay) * (1. if weight is None else weight)
+    old.data.lerp_(new.to(old), step if isinstance(step, torch.Tensor) else float(step))
+
+
+def _accumulate_(t: torch.Tensor, value: torch.Tensor) -> None:
+    """vector-quantize-pytorch's accum_grad_: pending EMA statistics live in the buffer's ``.grad``."""
+    if t.grad is not None:
+        t.grad.add_(value.to(t.grad))
+    else:
+        t.grad = value.to(t).clone().detach()
+
+
 class Codebook(nn.Module):
     """The codebook state, named and shaped as vector-quantize-pytorch's ``Codebook``
     (``embed`` (C, K, d): a buffer, or a parameter when learnable; ``embed_avg`` (C, K, d),
@@ -138,7 +235,7 @@ class Codebook(nn.Module):
 
     def __init__(self, dim, codebook_size, num_codebooks=1, kmeans_init=False, kmeans_iters=10, decay=0.8,
                  eps=1e-5, threshold_ema_dead_code=2, learnable_codebook=False, ema_update=True,
-                 manual_ema_update=False, use_cosine_sim=False):
+                 manual_ema_update=False, use_cosine_sim=False, sync_codebook=False, sync_kmeans=True):
         super().__init__()
         if kmeans_init:
             embed = torch.zeros(num_codebooks, codebook_size, dim)
@@ -160,15 +257,25 @@ class Codebook(nn.Module):
         self.reset_cluster_size = threshold_ema_dead_code
         self.learnable_codebook = learnable_codebook
         self.use_cosine_sim = use_cosine_sim
+        # one codebook for the whole process group (vqfast/nn/distributed.py); sync_kmeans: k-means
+        # init and dead-code restarts draw from every rank's rows, else from rank 0's only
+        self.sync_codebook = sync_codebook
+        self.sync_kmeans = sync_kmeans
 
         self._initted_seen = False
+        self._group_state_shared = False
         self.register_buffer("initted", torch.tensor(not kmeans_init))
         self.register_buffer("cluster_size", torch.ones(num_codebooks, codebook_size))
         self.register_buffer("embed_avg", embed.clone())
         if learnable_codebook:
             self.embed = nn.Parameter(embed)
+            if sync_codebook:  # every rank steps its optimizer with the same (mean) gradient
+                self.embed.register_hook(distributed.average_gradient)
         else:
             self.register_buffer("embed", embed)
+
+    def _syncs(self) -> bool:
+        return self.sync_codebook and distributed.is_distributed()
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         return _l2norm(x) if self.use_cosine_sim else x
@@ -202,24 +309,51 @@ class Codebook(nn.Module):
     @torch.no_grad()
     def init_embed_(self, data: torch.Tensor) -> None:
         """k-means init from the rows of ``data`` (C, M, d) (float), once (``initted``)."""
+        if not self._group_state_shared and self.training and self._syncs():
+            # ranks may have drawn different initial codebooks (or loaded different states): rank 0's
+            # wins, at the first training forward, the first call every rank is sure to make together
+            distributed.broadcast_(self.embed.data, self.cluster_size, self.embed_avg, self.initted)
+            self._group_state_shared = True
+            self._initted_seen = False
         if self._initted_seen:  # spares reading the flag (a device sync) every step
             return
         if bool(self.initted):
             self._initted_seen = True
             return
+        if self._syncs():
+            self._init_embed_synced_(data)
+            return
+        self._kmeans_init_(data)
+
+    def _init_embed_synced_(self, data: torch.Tensor) -> None:
+        """k-means on rank 0 over every rank's rows (rank 0's with sync_kmeans=False), then rank 0's
+        codebook state on every rank. A rank holding no rows still joins each collective; with no
+        rows at all the codebook stays uninitialized on every rank (next call tries again)."""
+        if self.sync_kmeans:
+            data = distributed.gather_rows(data)
+        if distributed.is_leader() and data.shape[1] > 0:
+            self._kmeans_init_(data)
+        distributed.broadcast_(self.embed.data, self.cluster_size, self.embed_avg, self.initted)
+        self._initted_seen = bool(self.initted)
+
+    def _kmeans_init_(self, data: torch.Tensor) -> None:
         num_codes, num_samples = self.codebook_size, data.shape[1]
         metric = "cosine" if self.use_cosine_sim else "l2"
         if num_samples < num_codes:
             warnings.warn(f"k-means init received {num_samples} vectors for a codebook of {num_codes} - "
                           f"duplicates will be sampled")
+        # A NaN/Inf row would turn every centroid it joins into NaN: k-means sees the finite rows only,
+        # and a batch without any leaves the codebook uninitialized (the next batch tries again).
+        rows = [data[c][finite_rows(data[c])] for c in range(data.shape[0])]
+        if any(r.shape[0] == 0 for r in rows):
+            return
         means, counts = [], []
-        for c in range(data.shape[0]):
-            if num_samples >= num_codes:
-                centroids, count = kmeans(data[c], num_codes, self.kmeans_iters, metric=metric, init="random",
+        for c, x in enumerate(rows):
+            if x.shape[0] >= num_codes:
+                centroids, count = kmeans(x, num_codes, self.kmeans_iters, metric=metric, init="random",
                                           backend=self.backend)
             else:
-                centroids, count = _kmeans_with_duplicates(data[c], num_codes, self.kmeans_iters, metric,
-                                                           self.backend)
+                centroids, count = _kmeans_with_duplicates(x, num_codes, self.kmeans_iters, metric, self.backend)
             means.append(centroids)
             counts.append(count)
         means, counts = torch.stack(means), torch.stack(counts)
@@ -231,15 +365,26 @@ class Codebook(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._initted_seen = False  # a loaded state may not be initialized
+        self._group_state_shared = False  # nor the same on every rank
         super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
-    def update_(self, rows: torch.Tensor, indices: torch.Tensor, ema_update: bool | None = None) -> None:
+    def update_(self, rows: torch.Tensor, indices: torch.Tensor, ema_update: bool | None = None,
+                weight=None, accumulate: bool = False) -> None:
         """One training step of codebook maintenance from the batch rows (C, M, d) and their codes
         (C, M): EMA of cluster_size / embed_avg, the codebook rewrite (unless ema_update is off or
-        manual), then dead-code expiry. vector-quantize-pytorch's ``update_codebook``."""
+        manual), then dead-code expiry. vector-quantize-pytorch's ``update_codebook``.
+
+        ``weight`` (its ``ema_update_weight``: a number, a tensor (K,) / (C, K), or a callable
+        (embed_sum (C, K, d), cluster_size (C, K)) returning one) scales each code's EMA step;
+        ``accumulate`` (its ``accum_ema_update``) only adds the batch statistics to the pending
+        ones, which the next update without it folds into its EMA step."""
         ema_update = self.ema_update if ema_update is None else ema_update
         if not ema_update and not self.has_dead_code_replacement:
+            return
+        if (self._syncs() or weight is not None or accumulate or self.cluster_size.grad is not None
+                or self.embed_avg.grad is not None):
+            self._update_unfused_(rows, indices, ema_update, weight, accumulate)
             return
         (embed, cluster_size, embed_avg), write_back = self._work_buffers()
         rows = rows.to(embed.dtype)
@@ -255,9 +400,58 @@ class Codebook(nn.Module):
         self._expire(embed, cluster_size, embed_avg, rows)
         write_back()
 
+    def _update_unfused_(self, rows, indices, ema_update: bool, weight, accumulate: bool) -> None:
+        """The EMA step in separate torch ops (batch counts and sums, then vector-quantize-pytorch's
+        lerp), for the per-code weights and the accumulated statistics that the fused ema_update_
+        does not take. Non-finite rows are left out, as the fused op does."""
+        acc = torch.float64 if self.embed_avg.dtype == torch.float64 else torch.float32
+        counts, sums = [], []
+        for c in range(rows.shape[0]):
+            keep = finite_rows(rows[c])
+            count, total = code_sums(rows[c][keep].to(acc), indices[c][keep], self.codebook_size, acc)
+            counts.append(count)
+            sums.append(total)
+        cluster_size, embed_sum = torch.stack(counts), torch.stack(sums)
+        if self._syncs():  # every rank's batch statistics, before any weighting (vector-quantize-pytorch's order)
+            distributed.all_reduce_sum_(cluster_size, embed_sum)
+        if callable(weight):
+            weight = weight(embed_sum, cluster_size)
+            _check_ema_update_weight(weight, self.num_codebooks, self.codebook_size)
+        if accumulate:
+            _accumulate_(self.cluster_size, cluster_size)
+            _accumulate_(self.embed_avg, embed_sum)
+            return
+        _ema_lerp_(self.cluster_size, cluster_size, self.decay, weight)
+        _ema_lerp_(self.embed_avg, embed_sum, self.decay, weight)
+        if ema_update and not self.manual_ema_update:
+            self.update_ema()
+        (embed, cluster_size, embed_avg), write_back = self._work_buffers()
+        self._expire(embed, cluster_size, embed_avg, rows.to(embed.dtype))
+        write_back()
+
     def _expire(self, embed, cluster_size, embed_avg, rows) -> None:
         if not self.has_dead_code_replacement or not self.training:
             return
+        if self._syncs():
+            self._expire_synced_(embed, cluster_size, embed_avg, rows)
+            return
+        self._expire_local_(embed, cluster_size, embed_avg, rows)
+
+    def _expire_synced_(self, embed, cluster_size, embed_avg, rows) -> None:
+        """Dead-code restart decided on rank 0 from every rank's rows (rank 0's with
+        sync_kmeans=False), then rank 0's codebook state on every rank. Rank 0 decides whether any
+        code is dead, so every rank issues the same collectives whatever its rows."""
+        leader = distributed.is_leader()
+        any_dead = leader and bool((cluster_size < self.threshold_ema_dead_code).any())
+        if not distributed.broadcast_flag(any_dead, cluster_size.device):
+            return
+        if self.sync_kmeans:
+            rows = distributed.gather_rows(rows)
+        if leader:
+            self._expire_local_(embed, cluster_size, embed_avg, rows)
+        distributed.broadcast_(embed, cluster_size, embed_avg)
+
+    def _expire_local_(self, embed, cluster_size, embed_avg, rows) -> None:
         expired = cluster_size < self.threshold_ema_dead_code
         if not bool(expired.any()):
             return
@@ -325,21 +519,35 @@ class VectorQuantize(nn.Module):
     kmeans_iters, use_cosine_sim, layernorm_after_project_in, threshold_ema_dead_code,
     channel_last, accept_image_fmap, accept_3d_fmap, commitment_weight,
     commitment_use_cross_entropy_loss, orthogonal_reg_weight, orthogonal_reg_active_codes_only,
-    orthogonal_reg_max_codes, sample_codebook_temp, straight_through, rotation_trick, ema_update,
-    manual_ema_update, learnable_codebook, sync_update_v, return_zeros_for_masked_padding,
-    route_gradients_to_input``; ``sync_kmeans`` is accepted (it only acts together with
-    ``sync_codebook``). ``forward`` accepts ``indices, mask, lens, sample_codebook_temp,
-    freeze_codebook, return_loss_breakdown, ema_update``.
+    orthogonal_reg_max_codes, stochastic_sample_codes, sample_codebook_temp, straight_through,
+    rotation_trick, ema_update, manual_ema_update, learnable_codebook, sync_update_v,
+    return_zeros_for_masked_padding, route_gradients_to_input, sync_codebook, sync_kmeans``.
+    ``forward`` accepts ``indices, mask, lens,
+    sample_codebook_temp, freeze_codebook, return_loss_breakdown, ema_update, ema_update_weight,
+    accum_ema_update``.
+
+    ``stochastic_sample_codes=True`` draws each training code from softmax(logits /
+    sample_codebook_temp) (Gumbel-max, ``gumbel_sample_codes``), computing the logits in row
+    chunks, so the (rows x codebook_size) matrix never exists whole; on the CPU a seeded run
+    draws the same codes as vector-quantize-pytorch, on CUDA other codes from the same
+    distribution. ``ema_update_weight`` and ``accum_ema_update`` (statistics pending in the
+    buffers' ``.grad``, as there) run the EMA step as separate torch ops instead of the fused one.
+
+    ``sync_codebook`` (default None: True when built inside an initialized process group of more
+    than one process) keeps one codebook for the group (``vqfast/nn/distributed.py``): the EMA
+    statistics are summed over the ranks before the EMA step, k-means init and dead-code restarts
+    run on rank 0 over every rank's rows (rank 0's only with ``sync_kmeans=False``) and are
+    broadcast, and a learnable codebook's gradient is averaged over the ranks. Collectives run
+    only in training forwards that update the codebook (and at k-means init), the same ones on
+    every rank whatever its batch (empty, masked out, another length), so every rank must agree
+    on ``training`` / ``freeze_codebook`` / ``ema_update`` per step, as DDP needs anyway.
 
     Not supported (NotImplementedError naming the argument when it is given a non-default value):
-    ``stochastic_sample_codes=True`` (Gumbel sampling needs every logit), ``sync_codebook=True``
-    (and ``None`` inside an initialized multi-process group: no all-reduce yet),
     ``codebook_diversity_loss_weight`` / ``codebook_diversity_temperature``,
     ``directional_reparam`` / ``directional_reparam_variance``, ``vq_bridge``,
     ``in_place_codebook_optimizer``, ``manual_in_place_optimizer_update``, ``affine_param`` and
     its ``sync_affine_param`` / ``affine_param_batch_decay`` / ``affine_param_codebook_decay``;
-    and in ``forward``: ``topk``, ``codebook_transform_fn``, ``ema_update_weight``,
-    ``accum_ema_update``. Also NotImplementedError: ``straight_through=True`` in the one case
+    and in ``forward``: ``topk``, ``codebook_transform_fn``. Also NotImplementedError: ``straight_through=True`` in the one case
     where its softmax gradient survives (training, the input not requiring grad, but the
     projected input or the codebook requiring it); a masked commitment loss with ``heads > 1``
     or a projection (vector-quantize-pytorch compares the quantized vectors with the
@@ -352,6 +560,9 @@ class VectorQuantize(nn.Module):
 
     Set ``backend`` (an attribute, default None: the fastest available) to run every op on one
     of vqfast's backends (``"torch"``, ``"cpu"``, ``"cuda"``, ``"triton"``).
+
+    ``check_finite=True`` (vqfast's own option) makes ``forward`` raise ValueError, before any
+    kernel runs, when input rows hold NaN/Inf, with their count.
     """
 
     def __init__(self, dim, codebook_size, codebook_dim=None, heads=1, separate_codebook_per_head=False,
@@ -366,20 +577,13 @@ class VectorQuantize(nn.Module):
                  sync_affine_param=False, ema_update=None, vq_bridge=None, manual_ema_update=False,
                  learnable_codebook=None, in_place_codebook_optimizer=None, manual_in_place_optimizer_update=False,
                  affine_param=False, affine_param_batch_decay=0.99, affine_param_codebook_decay=0.9, sync_update_v=0.,
-                 return_zeros_for_masked_padding=True, route_gradients_to_input=True):
+                 return_zeros_for_masked_padding=True, route_gradients_to_input=True, check_finite=False):
         super().__init__()
         given = dict(locals())
         _check_unsupported("", given, UNSUPPORTED_INIT_ARGS, "vqfast implements the deterministic nearest-code "
                            "quantizer with EMA / learnable codebooks")
-        if sync_codebook is None:
-            import torch.distributed as dist
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                raise NotImplementedError("vqfast.nn.VectorQuantize: sync_codebook=None resolves to True inside an "
-                                          "initialized process group, and the distributed codebook all-reduce is "
-                                          "not implemented; pass sync_codebook=False to keep per-process codebooks")
-        elif sync_codebook:
-            raise NotImplementedError("vqfast.nn.VectorQuantize: sync_codebook=True is not supported (the "
-                                      "distributed all-reduce of the EMA statistics is not implemented)")
+        # vector-quantize-pytorch's default: one codebook for the group when built inside one
+        sync_codebook = distributed.is_distributed() if sync_codebook is None else bool(sync_codebook)
 
         # vector-quantize-pytorch's defaults (directional_reparam and vq_bridge are unsupported: off).
         ema_update = True if ema_update is None else ema_update
@@ -431,8 +635,10 @@ class VectorQuantize(nn.Module):
         self.rotation_trick = rotation_trick
         self.straight_through = straight_through
         self.sample_codebook_temp = sample_codebook_temp
+        self.stochastic_sample_codes = stochastic_sample_codes
         self.sync_kmeans = sync_kmeans
         self.route_gradients_to_input = route_gradients_to_input
+        self.check_finite = bool(check_finite)  # vqfast's: NaN/Inf input rows raise (vqfast/nn/check_finite.py)
         self.sync_update_v = sync_update_v
 
         self.use_cosine_sim = use_cosine_sim
@@ -442,7 +648,8 @@ class VectorQuantize(nn.Module):
             kmeans_init=kmeans_init, kmeans_iters=kmeans_iters, decay=decay, eps=eps,
             threshold_ema_dead_code=threshold_ema_dead_code,
             learnable_codebook=self.has_codebook_orthogonal_loss or learnable_codebook,
-            ema_update=ema_update, manual_ema_update=manual_ema_update, use_cosine_sim=use_cosine_sim)
+            ema_update=ema_update, manual_ema_update=manual_ema_update, use_cosine_sim=use_cosine_sim,
+            sync_codebook=sync_codebook, sync_kmeans=sync_kmeans)
 
         self.codebook_size = codebook_size
         self.accept_image_fmap = accept_image_fmap
@@ -502,7 +709,7 @@ class VectorQuantize(nn.Module):
 
     def forward(self, x, indices=None, mask=None, lens=None, topk=None, sample_codebook_temp=None,
                 freeze_codebook=None, return_loss_breakdown=False, codebook_transform_fn=None,
-                ema_update_weight=None, accum_ema_update=False, ema_update=None):
+                ema_update_weight=None, accum_ema_update=False, ema_update=None, _chosen_indices=None):
         """Quantize ``x``: (b, n, dim), (b, dim) (one token), (b, dim, n) with ``channel_last=False``,
         (b, dim, h, w) with ``accept_image_fmap``, (b, dim, d, h, w) with ``accept_3d_fmap``.
 
@@ -514,10 +721,15 @@ class VectorQuantize(nn.Module):
         ``(quantized, cross_entropy)`` where quantized is still in the codebook layout (before the
         heads merge and project_out), as vector-quantize-pytorch does.
         """
-        _check_unsupported(".forward", dict(topk=topk, codebook_transform_fn=codebook_transform_fn,
-                                            ema_update_weight=ema_update_weight,
-                                            accum_ema_update=accum_ema_update),
+        _check_unsupported(".forward", dict(topk=topk, codebook_transform_fn=codebook_transform_fn),
                            UNSUPPORTED_FORWARD_ARGS, "vqfast's quantizer returns the single nearest code")
+        if self.check_finite:
+            channel_first = self.accept_image_fmap or self.accept_3d_fmap or (not self.channel_last and x.ndim > 2)
+            check_finite_rows("VectorQuantize", x, 1 if channel_first else -1)
+        if not callable(ema_update_weight):
+            _check_ema_update_weight(ema_update_weight, self._codebook.num_codebooks, self.codebook_size)
+        if not isinstance(accum_ema_update, bool):
+            raise TypeError(f"accum_ema_update must be a bool, got {type(accum_ema_update).__name__}")
         cb = self._codebook
         orig_input, input_requires_grad = x, x.requires_grad
         freeze_codebook = self.freeze_codebook if freeze_codebook is None else freeze_codebook
@@ -574,12 +786,22 @@ class VectorQuantize(nn.Module):
             estimator = "rotation" if (routing and self.rotation_trick) else "ste"
             commit_learnable = self.learnable_codebook and not freeze_codebook
 
+            # _chosen_indices (internal, ResidualVQ's fused path): the codes a search run elsewhere picked
+            # for these rows, (b * n,) for one codebook; the finishing below is the same.
+            chosen = None if _chosen_indices is None else self._targets_to_rows(_chosen_indices, b, n)
+            if chosen is None and training and self.stochastic_sample_codes and temperature > 0:
+                # Gumbel sampling: codes drawn from softmax(logits / temperature), then finished alike
+                chosen = gumbel_sample_codes(z.detach(), e.detach(), temperature, self.use_cosine_sim)
             quantized, embed_ind, commits = [], [], []
             for c in range(num_cb):
                 if training:
                     # the codebook takes gradients from the loss only when it is learnable and not frozen
-                    r = quantize(z[c], e[c] if commit_learnable else e[c].detach(), metric=metric,
-                                 estimator=estimator, backend=self.backend)
+                    if chosen is not None:  # searched already: finish from the given codes
+                        r = _quantize_chosen(z[c], e[c] if commit_learnable else e[c].detach(), chosen[c],
+                                             estimator)
+                    else:
+                        r = quantize(z[c], e[c] if commit_learnable else e[c].detach(), metric=metric,
+                                     estimator=estimator, backend=self.backend)
                     if routing:
                         q = r.z_q
                     elif codebook_grad:
@@ -591,8 +813,11 @@ class VectorQuantize(nn.Module):
                         commit = commit + (r.codebook_loss - r.codebook_loss.detach())
                     commits.append(commit)
                 else:
-                    r = quantize(z[c].detach(), e[c], metric=metric, codebook_grad_through_output=codebook_grad,
-                                 backend=self.backend)
+                    if chosen is not None:
+                        r = _quantize_chosen(z[c].detach(), e[c], chosen[c], codebook_grad_through_output=codebook_grad)
+                    else:
+                        r = quantize(z[c].detach(), e[c], metric=metric, codebook_grad_through_output=codebook_grad,
+                                     backend=self.backend)
                     q = r.z_q
                 quantized.append(q)
                 embed_ind.append(r.indices)
@@ -605,7 +830,7 @@ class VectorQuantize(nn.Module):
                 rows, ids = z.detach(), idx_rows
                 if row_mask is not None:
                     rows, ids = rows[:, row_mask], ids[:, row_mask]
-                cb.update_(rows, ids, ema_update=ema_now)
+                cb.update_(rows, ids, ema_update=ema_now, weight=ema_update_weight, accumulate=accum_ema_update)
 
         out_dtype = torch.promote_types(dtype, x_rows.dtype) if routing else dtype
         q_rows = q_rows.to(out_dtype)
@@ -656,7 +881,7 @@ class VectorQuantize(nn.Module):
                 loss = loss + orthogonal_reg_loss * self.orthogonal_reg_weight
 
         # quantized back to (b, n, h * d), then project out
-        quantize_out = q_rows.reshape(-1, b, n, d) if heads == 1 or self.separate_codebook_per_head \
+        quantize_out = q_rows.reshape(q_rows.shape[0], b, n, d) if heads == 1 or self.separate_codebook_per_head \
             else q_rows.reshape(b, heads, n, d).transpose(0, 1)          # (h, b, n, d)
         quantize_out = quantize_out.permute(1, 2, 0, 3).reshape(b, n, heads * d)
         quantize_out = self.project_out(quantize_out)
@@ -688,7 +913,8 @@ class VectorQuantize(nn.Module):
         sharing a codebook, (h, b n) for separate codebooks."""
         b, n = x.shape[:2]
         h = self.heads
-        x = self._codebook.transform_input(x.reshape(b, n, h, -1))   # (b, n, h, d)
+        # sizes spelled out (no -1): an empty batch (b = 0, e.g. one rank's share) must reshape too
+        x = self._codebook.transform_input(x.reshape(b, n, h, x.shape[-1] // h))   # (b, n, h, d)
         d = x.shape[-1]
         if h == 1:
             return x.reshape(1, b * n, d)
