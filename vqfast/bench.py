@@ -327,6 +327,111 @@ def format_quantize_table(rows: list[Row], meta: dict, title: str) -> str:
     return "\n".join(out)
 
 
+# ---- residual (multi-stage) search ---------------------------------------------------
+
+RESIDUAL_STAGES = 8
+RESIDUAL_SIZES = [(65536, 1024, 128)]
+RESIDUAL_QUICK_SIZES = [(16384, 1024, 128)]
+# --gpu-sizes: both sides of the Triton kernel's resident bound (D <= 256) and past it.
+RESIDUAL_GPU_SIZES = [(262144, 1024, 64), (262144, 1024, 256), (262144, 1024, 512)]
+
+
+def _vq_pytorch_residual(codebooks: torch.Tensor):
+    """vector-quantize-pytorch's ResidualVQ in eval mode holding `codebooks`, or None."""
+    try:
+        from vector_quantize_pytorch import ResidualVQ
+    except ImportError:
+        return None
+    q, k, d = codebooks.shape
+    layer = ResidualVQ(dim=d, num_quantizers=q, codebook_size=k).to(codebooks.device).eval()
+    with torch.no_grad():
+        for s, stage in enumerate(layer.layers):
+            stage._codebook.embed.copy_(codebooks[s][None])
+    return layer
+
+
+def residual_methods(codebooks: torch.Tensor, device: torch.device) -> tuple[dict[str, Callable], dict[str, str]]:
+    methods, notes = {}, {}
+    q = codebooks.shape[0]
+
+    def sequential(z, backend):
+        # What a residual quantizer built on the single-stage op does: Q searches,
+        # the residual through memory between them.
+        residual = z
+        for s in range(q):
+            idx, _ = vqfast.nearest_code(residual, codebooks[s], backend=backend)
+            residual = residual - codebooks[s][idx]
+        return residual
+
+    for name in registry.available(device.type):
+        if name == "triton" and device.type == "cpu":
+            notes["vqfast[triton]"] = "interpreter only on CPU: not timed"
+            continue
+        if registry.op_reason(name, "residual_nearest_code"):
+            notes[f"fused vqfast[{name}]"] = registry.op_reason(name, "residual_nearest_code")
+        else:
+            methods[f"fused vqfast[{name}]"] = (lambda n: lambda z: vqfast.residual_nearest_code(z, codebooks, backend=n))(name)
+        methods[f"{q} x nearest_code[{name}]"] = (lambda n: lambda z: sequential(z, n))(name)
+    layer = _vq_pytorch_residual(codebooks)
+    if layer is None:
+        notes["vector-quantize-pytorch ResidualVQ"] = "not installed (pip install vector-quantize-pytorch)"
+    else:
+        def vq_forward(z, layer=layer):
+            with torch.no_grad():
+                return layer(z[None])
+        methods["vq-pytorch ResidualVQ"] = vq_forward
+    return methods, notes
+
+
+def bench_residual(sizes, device: torch.device, *, stages: int = RESIDUAL_STAGES) -> tuple[list[Row], dict]:
+    mem = PeakMemory(device)
+    rows: list[Row] = []
+    notes: dict = {}
+    for n, k, d in sizes:
+        torch.manual_seed(0)
+        z = torch.randn(n, d, device=device)
+        codebooks = torch.randn(stages, k, d, device=device) * (0.6 ** torch.arange(stages, device=device)).view(-1, 1, 1)
+        methods, notes = residual_methods(codebooks, device)
+        size_rows = []
+        for name, fn in methods.items():  # memory first, before timing loops churn the heap
+            row = Row((n, k, d), name)
+            row.peak_bytes = mem.measure(lambda: fn(z))
+            size_rows.append(row)
+        for row in size_rows:
+            fn = methods[row.method]
+            row.seconds = time_call(lambda: fn(z), device)
+            row.gflops = 2.0 * n * k * d * stages / row.seconds / 1e9
+        rows += size_rows
+    return rows, {"threads": torch.get_num_threads(), "stages": stages, "notes": notes}
+
+
+def format_residual_table(rows: list[Row], meta: dict, title: str) -> str:
+    q = meta["stages"]
+    out = [f"{title}  (Q={q} stages, threads={meta['threads']}; GFLOP/s counts 2 N K D Q)"]
+    head = (f"{'N':>7} {'K':>6} {'D':>4}  {'method':<24} {'median':>9} {'GFLOP/s':>8} "
+            f"{'vs Q x nearest_code':>19} {'vs ResidualVQ':>13} {'peak extra':>12}")
+    out += [head, "-" * len(head)]
+    by_size: dict[tuple, list[Row]] = {}
+    for r in rows:
+        by_size.setdefault(r.size, []).append(r)
+    for size, group in by_size.items():
+        ref = {r.method: r.seconds for r in group}
+        for r in group:
+            n, k, d = size
+            backend = r.method[r.method.find("[") + 1:r.method.find("]")] if "[" in r.method else None
+            seq = ref.get(f"{q} x nearest_code[{backend}]") if backend else None
+            vqp = ref.get("vq-pytorch ResidualVQ")
+            vs_seq = f"{seq / r.seconds:18.2f}x" if seq else f"{'-':>19}"
+            vs_vqp = f"{vqp / r.seconds:12.2f}x" if vqp else f"{'-':>13}"
+            out.append(f"{n:>7} {k:>6} {d:>4}  {r.method:<24} {r.seconds * 1e3:7.1f}ms {r.gflops:8.1f} "
+                       f"{vs_seq} {vs_vqp} {_fmt_bytes(r.peak_bytes):>12}")
+    for name, note in meta.get("notes", {}).items():
+        out.append(f"note: {name}: {note}")
+    out.append("ratios: the other method's time divided by this one's (>1 = this one is faster); "
+               "'vs Q x nearest_code' compares with the same backend's single-stage op called Q times.")
+    return "\n".join(out)
+
+
 # ---- report ---------------------------------------------------------------------
 
 def _fmt_bytes(b: int | None) -> str:
@@ -377,9 +482,10 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=parse_size, action="append",
                    help="NxKxD (repeatable); default: N=65536, K in {1024,16384}, D in {8,64,256}")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    p.add_argument("--gpu-sizes", action="store_true", help="N=262144, K in {1024,16384}, D in {64,256}")
+    p.add_argument("--gpu-sizes", action="store_true", help="N=262144, K in {1024,16384}, D in {64,256} "
+                   "(residual: K=1024, D in {64,256,512})")
     p.add_argument("--threads", type=int, default=None, help="torch (and faiss) thread count")
-    p.add_argument("--op", choices=("all", "nearest_code", "quantize"), default="all",
+    p.add_argument("--op", choices=("all", "nearest_code", "quantize", "residual"), default="all",
                    help="which suite to run (default: all)")
     args = p.parse_args(argv)
     if args.threads:
@@ -394,6 +500,12 @@ def main(argv=None) -> int:
         rows, meta = bench_quantize(qsizes, device)
         print()
         print(format_quantize_table(rows, meta, f"quantize training step on {device.type}"))
+    if args.op in ("all", "residual"):
+        rsizes = args.size or (RESIDUAL_QUICK_SIZES if args.quick else
+                               RESIDUAL_GPU_SIZES if args.gpu_sizes else RESIDUAL_SIZES)
+        rows, meta = bench_residual(rsizes, device)
+        print()
+        print(format_residual_table(rows, meta, f"residual_nearest_code on {device.type}"), flush=True)
     return 0
 
 

@@ -63,10 +63,12 @@ def extension_has_op(op: str) -> bool:
 
 
 # The public op -> the name of its kernel: the C++ schema in csrc/vqfast.cpp.
-KERNEL_OF = {"nearest_code": "nearest_code", "quantize": "quantize_forward", "ema_update_": "ema_update_"}
+KERNEL_OF = {"nearest_code": "nearest_code", "quantize": "quantize_forward", "ema_update_": "ema_update_",
+             "residual_nearest_code": "residual_nearest_code"}
 # The public op -> its module in vqfast/triton/ (quantize's forward and backward share one,
 # vqfast/triton/quantize.py, which vqfast/ops/quantize.py imports).
-TRITON_MODULE_OF = {"nearest_code": "nearest_code", "quantize": "quantize", "ema_update_": "ema_update_"}
+TRITON_MODULE_OF = {"nearest_code": "nearest_code", "quantize": "quantize", "ema_update_": "ema_update_",
+                    "residual_nearest_code": "residual_nearest_code"}
 
 
 @functools.lru_cache(maxsize=None)

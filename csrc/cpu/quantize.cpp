@@ -41,8 +41,11 @@ template <typename acc_t>
 void normalize_backward(const acc_t* x, acc_t* v, int64_t D) {
   const acc_t n = std::sqrt(dot(x, x, D));
   if (n > acc_t(kNormEps)) {
-    const acc_t radial = dot(v, x, D) / (n * n);
-    for (int64_t d = 0; d < D; ++d) v[d] = (v[d] - radial * x[d]) / n;
+    // Projected on the unit vector x / n, not as (v.x / n^2) x: for tiny |x| the rounding of
+    // n * n against x.x would leave a radial residue that the final / n amplifies.
+    acc_t radial = acc_t(0);
+    for (int64_t d = 0; d < D; ++d) radial += v[d] * (x[d] / n);
+    for (int64_t d = 0; d < D; ++d) v[d] = (v[d] - radial * (x[d] / n)) / n;
   } else {
     for (int64_t d = 0; d < D; ++d) v[d] /= acc_t(kNormEps);
   }

@@ -367,6 +367,56 @@ PreparedCodebook<acc_t> prepare_codebook(const scalar_t* cb, int64_t K, int64_t 
   return p;
 }
 
+// Per-thread scratch of the block search: the dot-product tile and each row's lanes.
+template <typename acc_t>
+struct BlockScratch {
+  std::vector<acc_t> tile;
+  std::vector<Lanes<acc_t>> best;
+  explicit BlockScratch(int64_t D)
+      : tile(D <= kSmallD ? 0 : static_cast<size_t>(kRowBlock * kCodeBlock)), best(kRowBlock) {}
+};
+
+// Codes per step of the block search: the BLAS tile's width, or the micro-kernel's span.
+inline int64_t search_code_block(int64_t D) { return D <= kSmallD ? kCodeBlock : code_block_for(D); }
+
+// Searches codes [c_begin, c_end) of cb for a block of rows (rows <= kRowBlock,
+// accumulation type, row-major (rows, D)), leaving each row's running best in
+// scratch.best[r] (merge_lanes / row_winner turn it into an answer). The unit
+// of work of search() and of the fused multi-stage search (residual_nearest_code.cpp).
+template <int M, typename acc_t>
+void search_block(const acc_t* zblk, int64_t rows, const PreparedCodebook<acc_t>& cb, int64_t c_begin,
+                  int64_t c_end, BlockScratch<acc_t>& scratch, fortran_gemm_t<acc_t> gemm, ScalarType acc_dtype) {
+  const int64_t K = cb.K, D = cb.D;
+  Lanes<acc_t>* best = scratch.best.data();
+  for (int64_t r = 0; r < rows; ++r) best[r].reset();
+  if (D <= kSmallD) {
+    for (int64_t r = 0; r < rows; r += kMicroRows) {
+      const int64_t rr = std::min<int64_t>(kMicroRows, rows - r);
+      acc_t zpad[kMicroRows * kSmallD] = {};  // short row groups read zeros, not past the block
+      std::copy(zblk + r * D, zblk + (r + rr) * D, zpad);
+      for (int64_t k0 = c_begin; k0 < c_end; k0 += kCodeBlock)
+        small_d_block<M, acc_t>(zpad, rr, D, cb.cols.data(), K, cb.code.data(), k0,
+                                std::min(kCodeBlock, c_end - k0), best + r);
+    }
+    return;
+  }
+  const int64_t cblock = code_block_for(D);
+  for (int64_t k0 = c_begin; k0 < c_end; k0 += cblock) {
+    const int64_t n = std::min(cblock, c_end - k0);
+    dot_tile(zblk, rows, cb.rows.data() + offset2d(k0, 0, D), n, D, scratch.tile.data(), gemm, acc_dtype);
+    for (int64_t r = 0; r < rows; ++r) fold<M, acc_t>(scratch.tile.data() + r * n, cb.code.data() + k0, n, k0, best[r]);
+  }
+}
+
+// A row's answer over all K codes from its lanes: the rare row with no lane set
+// (every score NaN or +inf) falls back to the exact scan.
+template <int M, typename acc_t>
+std::pair<acc_t, int64_t> row_winner(const Lanes<acc_t>& best, const acc_t* zrow, const PreparedCodebook<acc_t>& cb) {
+  auto win = merge_lanes(best);
+  if (win.second < 0) win = scan_row<M, acc_t>(zrow, cb.rows.data(), cb.code.data(), cb.K, cb.D);
+  return win;
+}
+
 // Runs the search over z (N, D) and calls
 //   epilogue(r0, rows, zrows, index, score)
 // once per finished block of rows, with the rows in the accumulation type
@@ -376,14 +426,13 @@ template <int M, typename scalar_t, typename acc_t, typename Epilogue>
 void search(const scalar_t* z, int64_t N, const PreparedCodebook<acc_t>& cb, ScalarType acc_dtype,
             Epilogue&& epilogue) {
   const int64_t K = cb.K, D = cb.D;
-  const bool small_d = D <= kSmallD;
   const fortran_gemm_t<acc_t> gemm = fortran_gemm<acc_t>();
 
   // Tasks: row blocks x code splits. Splitting codes keeps every thread busy
   // when N is small (a single row block); partial bests merge in code order.
   const int64_t row_blocks = (N + kRowBlock - 1) / kRowBlock;
   const int64_t threads = std::max<int64_t>(1, torch::stable::get_num_threads());
-  const int64_t cblock = small_d ? kCodeBlock : code_block_for(D);
+  const int64_t cblock = search_code_block(D);
   const int64_t code_blocks = (K + cblock - 1) / cblock;
   const int64_t splits = std::min(code_blocks, std::max<int64_t>(1, (threads + row_blocks - 1) / row_blocks));
   const int64_t blocks_per_split = (code_blocks + splits - 1) / splits;
@@ -392,8 +441,7 @@ void search(const scalar_t* z, int64_t N, const PreparedCodebook<acc_t>& cb, Sca
 
   torch::stable::parallel_for(0, row_blocks * splits, 1, [&](int64_t t_begin, int64_t t_end) {
     std::vector<acc_t> zblk(static_cast<size_t>(kRowBlock * D));
-    std::vector<acc_t> tile(small_d ? 0 : static_cast<size_t>(kRowBlock * kCodeBlock));
-    std::vector<Lanes<acc_t>> best(kRowBlock);
+    BlockScratch<acc_t> scratch(D);
     int64_t win_index[kRowBlock];
     acc_t win_score[kRowBlock];
     for (int64_t task = t_begin; task < t_end; ++task) {
@@ -403,34 +451,15 @@ void search(const scalar_t* z, int64_t N, const PreparedCodebook<acc_t>& cb, Sca
       const int64_t c_begin = split * blocks_per_split * cblock;
       const int64_t c_end = std::min(K, (split + 1) * blocks_per_split * cblock);
       load_rows(z + offset2d(r0, 0, D), rows, D, zblk.data());
-      for (int64_t r = 0; r < rows; ++r) best[r].reset();
-      if (small_d) {
-        for (int64_t r = 0; r < rows; r += kMicroRows) {
-          const int64_t rr = std::min<int64_t>(kMicroRows, rows - r);
-          acc_t zpad[kMicroRows * kSmallD] = {};  // short row groups read zeros, not past the block
-          std::copy(zblk.data() + r * D, zblk.data() + (r + rr) * D, zpad);
-          for (int64_t k0 = c_begin; k0 < c_end; k0 += kCodeBlock)
-            small_d_block<M, acc_t>(zpad, rr, D, cb.cols.data(), K, cb.code.data(), k0,
-                                    std::min(kCodeBlock, c_end - k0), best.data() + r);
-        }
-      } else if (c_begin < c_end) {
-        for (int64_t k0 = c_begin; k0 < c_end; k0 += cblock) {
-          const int64_t n = std::min(cblock, c_end - k0);
-          dot_tile(zblk.data(), rows, cb.rows.data() + offset2d(k0, 0, D), n, D, tile.data(), gemm, acc_dtype);
-          for (int64_t r = 0; r < rows; ++r)
-            fold<M, acc_t>(tile.data() + r * n, cb.code.data() + k0, n, k0, best[r]);
-        }
-      }
+      search_block<M, acc_t>(zblk.data(), rows, cb, c_begin, c_end, scratch, gemm, acc_dtype);
       for (int64_t r = 0; r < rows; ++r) {
-        auto [bs, bi] = merge_lanes(best[r]);
         if (splits > 1) {
+          auto [bs, bi] = merge_lanes(scratch.best[r]);
           part_score[offset2d(split, r0 + r, N)] = bs;
           part_index[offset2d(split, r0 + r, N)] = bi;
           continue;
         }
-        if (bi < 0) std::tie(bs, bi) = scan_row<M, acc_t>(zblk.data() + r * D, cb.rows.data(), cb.code.data(), K, D);
-        win_index[r] = bi;
-        win_score[r] = bs;
+        std::tie(win_score[r], win_index[r]) = row_winner<M, acc_t>(scratch.best[r], zblk.data() + r * D, cb);
       }
       if (splits == 1) epilogue(r0, rows, static_cast<const acc_t*>(zblk.data()), win_index, win_score);
     }

@@ -152,8 +152,10 @@ __global__ void __launch_bounds__(kThreads)
   acc_t radial = acc_t(0);
   if (radial_part) {
     acc_t tz = acc_t(0);
-    for (int d = lane; d < D; d += 32) tz += t_at(d) * to_acc(zr[d]);
-    radial = warp_sum(tz) / (zn_raw * zn_raw);
+    // On the unit vector z / |z| (as the CPU and Triton kernels): (t.z / |z|^2) z leaves a
+    // rounding residue that the final / |z| amplifies when |z| is tiny.
+    for (int d = lane; d < D; d += 32) tz += t_at(d) * (to_acc(zr[d]) / zn_raw);
+    radial = warp_sum(tz);
   }
 
   const acc_t codebook_scale = ATOMIC ? -acc_t(2) * *grad_codebook_loss / numel : acc_t(0);
@@ -161,7 +163,7 @@ __global__ void __launch_bounds__(kThreads)
   acc_t* acc_row = ATOMIC ? cb_acc + offset2d(k, 0, D) : nullptr;
   for (int d = lane; d < D; d += 32) {
     acc_t t = t_at(d);
-    if constexpr (cosine) t = radial_part ? (t - radial * to_acc(zr[d])) / zn_raw : t / eps;
+    if constexpr (cosine) t = radial_part ? (t - radial * (to_acc(zr[d]) / zn_raw)) / zn_raw : t / eps;
     out[d] = from_acc<T>(t);
     if constexpr (ATOMIC) {
       acc_t c = codebook_scale * (zp(d) - ep(d));
@@ -250,9 +252,9 @@ __global__ void __launch_bounds__(kThreads)
     const acc_t n = sqrt(warp_sq_norm<T, acc_t>(er, D, lane));
     if (n > eps) {
       acc_t ve = acc_t(0);
-      for (int d = lane; d < D; d += 32) ve += v[d] * to_acc(er[d]);
-      const acc_t radial = warp_sum(ve) / (n * n);
-      for (int d = lane; d < D; d += 32) out[d] = from_acc<T>((v[d] - radial * to_acc(er[d])) / n);
+      for (int d = lane; d < D; d += 32) ve += v[d] * (to_acc(er[d]) / n);
+      const acc_t radial = warp_sum(ve);  // on the unit vector, as for grad_z
+      for (int d = lane; d < D; d += 32) out[d] = from_acc<T>((v[d] - radial * (to_acc(er[d]) / n)) / n);
     } else {
       for (int d = lane; d < D; d += 32) out[d] = from_acc<T>(v[d] / eps);
     }

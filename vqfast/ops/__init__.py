@@ -3,6 +3,7 @@ from vqfast.ops.codebook import (CodebookStats, KMeansResult, codebook_stats, em
                                  kmeans)
 from vqfast.ops.nearest_code import nearest_code
 from vqfast.ops.quantize import QuantizeResult, quantize
+from vqfast.ops.residual import residual_nearest_code
 
-__all__ = ["nearest_code", "quantize", "QuantizeResult", "ema_update_", "expire_codes_", "kmeans", "KMeansResult",
+__all__ = ["nearest_code", "residual_nearest_code", "quantize", "QuantizeResult", "ema_update_", "expire_codes_", "kmeans", "KMeansResult",
            "codebook_stats", "CodebookStats"]
