@@ -485,9 +485,13 @@ def main(argv=None) -> int:
     p.add_argument("--gpu-sizes", action="store_true", help="N=262144, K in {1024,16384}, D in {64,256} "
                    "(residual: K=1024, D in {64,256,512})")
     p.add_argument("--threads", type=int, default=None, help="torch (and faiss) thread count")
-    p.add_argument("--op", choices=("all", "nearest_code", "quantize", "residual"), default="all",
+    p.add_argument("--op", choices=("all", "nearest_code", "quantize", "residual", "layers"), default="all",
                    help="which suite to run (default: all)")
+    p.add_argument("--layers", action="store_true", help="the drop-in layers against vector-quantize-pytorch "
+                   "(same as --op layers)")
     args = p.parse_args(argv)
+    if args.layers:
+        args.op = "layers"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -506,6 +510,11 @@ def main(argv=None) -> int:
         rows, meta = bench_residual(rsizes, device)
         print()
         print(format_residual_table(rows, meta, f"residual_nearest_code on {device.type}"), flush=True)
+    if args.op in ("all", "layers"):
+        from vqfast import bench_layers
+
+        print()
+        bench_layers.main(args.quick, device)
     return 0
 
 

@@ -158,12 +158,42 @@ def test_get_codes_from_coarse_indices():
     torch.testing.assert_close(ours.get_output_from_indices(idx), ref.get_output_from_indices(idx))
 
 
-@pytest.mark.parametrize("kw", [dict(heads=2), dict(diveq=True), dict(implicit_neural_codebook=True),
-                                dict(beam_size=2), dict(stochastic_sample_codes=True)])
+@pytest.mark.parametrize("kw", [dict(heads=2), dict(diveq=True), dict(beam_size=2),
+                                dict(implicit_neural_codebook=True, threshold_ema_dead_code=2),
+                                dict(implicit_neural_codebook=True, accept_image_fmap=True),
+                                dict(implicit_neural_codebook=True, kmeans_init=True)])
 def test_unsupported_raise(kw):
-    name = next(iter(kw))
+    name = list(kw)[-1]
     with pytest.raises(NotImplementedError, match=name):
         ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=K, **kw)
+
+
+IMPLICIT_MODES = {
+    "rotation": dict(),
+    "ste_small_mlp": dict(rotation_trick=False, mlp_kwargs=dict(depth=2, dim_hidden=8)),
+    "dropout_projection": dict(quantize_dropout=True, codebook_dim=8),
+    "shared": dict(shared_codebook=True, commitment_weight=0.5),
+}
+
+
+@pytest.mark.parametrize("mode", list(IMPLICIT_MODES))
+def test_implicit_neural_codebook_matches(mode):
+    # QINCo: per-stage code MLPs conditioned on the quantized-so-far; same parameter names (mlps.*)
+    kw = dict(dim=DIM, num_quantizers=Q, codebook_size=K, implicit_neural_codebook=True, **IMPLICIT_MODES[mode])
+    ref, ours = make_pair(**kw)
+    assert ours.loop_reason(torch.randn(B, N, ours.codebook_dim)) is not None
+    for step in range(2):
+        compare_step(ref, ours, torch.randn(B, N, DIM), seed=step, return_all_codes=True)
+        ref.zero_grad(), ours.zero_grad()
+    mask = torch.ones(B, N, dtype=torch.bool)
+    mask[1, N // 2:] = False
+    if "codebook_dim" not in kw:  # vector-quantize-pytorch's masked loss reads the unprojected input
+        compare_step(ref, ours, torch.randn(B, N, DIM), seed=5, mask=mask)
+        ref.zero_grad(), ours.zero_grad()
+    ref.eval(), ours.eval()
+    (_, ir, _, cr), (_, io, _, co) = compare_step(ref, ours, torch.randn(B, N, DIM), return_all_codes=True)
+    torch.testing.assert_close(co, cr, **TOL)
+    torch.testing.assert_close(ours.get_output_from_indices(io), ref.get_output_from_indices(ir), **TOL)
 
 
 def test_unsupported_forward_indices():

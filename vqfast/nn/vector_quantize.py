@@ -32,8 +32,10 @@ from vqfast.ops.codebook import ema_update_
 from vqfast.reference.ema import code_sums, finite_rows
 from vqfast.nn import distributed
 from vqfast.nn.check_finite import check_finite_rows
-from vqfast.ops.quantize import QuantizeResult
-from vqfast.reference.nearest_code import NORM_EPS
+from vqfast import registry
+from vqfast.ops.quantize import QuantizeResult, backward_op_for
+from vqfast.reference.nearest_code import METRICS, accumulation_dtype
+from vqfast.reference.quantize import ESTIMATORS
 
 LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
 
@@ -136,31 +138,6 @@ def _cross_entropy_to_codes(z: torch.Tensor, codebook: torch.Tensor, targets: to
     return total / (targets != -1).sum()
 
 
-def _quantize_chosen(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, estimator: str = "ste",
-                     codebook_grad_through_output: bool = False) -> QuantizeResult:
-    """``vqfast.quantize``'s outputs (metric l2 / dot) for codes already chosen by a search elsewhere
-    (``vqfast.residual_nearest_code`` in ResidualVQ's fused path): the same values and gradients as the
-    formulas of vqfast/reference/quantize.py, here through detach tricks and autograd. ``z_q`` is the
-    gathered code exactly (the estimator adds a zero-valued term), as the fused op returns it."""
-    code = F.embedding(indices, codebook)
-    sg_code = code.detach()
-    if estimator == "rotation":
-        zn = z.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-        en = sg_code.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-        u, q = (z / zn).detach(), sg_code / en
-        w = F.normalize(u + q, dim=-1, eps=NORM_EPS)
-        rotated = z - 2.0 * (z * w).sum(-1, keepdim=True) * w + 2.0 * (z * u).sum(-1, keepdim=True) * q
-        through_z = rotated * (en / zn).detach()
-    else:
-        through_z = z
-    z_q = sg_code + (through_z - through_z.detach())
-    if codebook_grad_through_output:
-        z_q = z_q + (code - sg_code)
-    commit = (z - sg_code).pow(2).mean()
-    codebook_loss = (z.detach() - code).pow(2).mean()
-    return QuantizeResult(z_q, indices, commit, codebook_loss)
-
-
 @torch.no_grad()
 def gumbel_sample_codes(z: torch.Tensor, codebook: torch.Tensor, temperature: float, cosine: bool,
                         chunk_elems: int | None = None) -> torch.Tensor:
@@ -224,6 +201,47 @@ def _accumulate_(t: torch.Tensor, value: torch.Tensor) -> None:
         t.grad.add_(value.to(t.grad))
     else:
         t.grad = value.to(t).clone().detach()
+
+
+class _QuantizeChosen(torch.autograd.Function):
+    """Gather + squared error forward, vqfast's fused quantize backward (any estimator) for given codes."""
+
+    @staticmethod
+    def forward(ctx, z, codebook, indices, metric: int, estimator: int, through_output: bool, backend: str):
+        z_q = F.embedding(indices, codebook)
+        acc = accumulation_dtype(z.dtype)
+        sq_err = torch.linalg.vector_norm(z - z_q, dtype=acc).square()
+        commit = sq_err / max(z.numel(), 1)
+        ctx.mark_non_differentiable(indices)
+        ctx.flags = (metric, estimator, through_output, backend)
+        ctx.save_for_backward(z, codebook, indices)
+        return z_q, commit, commit.clone()
+
+    @staticmethod
+    def backward(ctx, grad_zq, grad_commit, grad_codebook_loss):
+        z, codebook, indices = ctx.saved_tensors
+        metric, estimator, through_output, backend = ctx.flags
+        grad_z, grad_codebook = backward_op_for(backend)(
+            grad_zq.contiguous(), grad_commit, grad_codebook_loss, z, codebook, indices, metric, estimator,
+            through_output, torch.are_deterministic_algorithms_enabled())
+        return grad_z, grad_codebook, None, None, None, None, None
+
+
+def _quantize_chosen(z: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, metric: str = "l2",
+                     estimator: str = "ste", codebook_grad_through_output: bool = False,
+                     backend: str | None = None) -> QuantizeResult:
+    """``vqfast.quantize``'s outputs and gradients for codes already chosen by a search elsewhere
+    (``vqfast.residual_nearest_code`` in ResidualVQ's fused path): the forward is a gather and the
+    squared error (metric l2 / dot, whose codes are not normalized), the backward vqfast's fused
+    quantize backward op, so both paths differentiate alike."""
+    if metric == "cosine":
+        raise ValueError("_quantize_chosen: metric 'cosine' normalizes the codes; use quantize()")
+    name = registry.resolve(backend, z.device, "quantize")
+    dtype = torch.promote_types(z.dtype, codebook.dtype)
+    z_q, commit, codebook_loss = _QuantizeChosen.apply(
+        z.to(dtype).contiguous(), codebook.to(dtype).contiguous(), indices, METRICS[metric], ESTIMATORS[estimator],
+        codebook_grad_through_output, name)
+    return QuantizeResult(z_q, indices, commit, codebook_loss)
 
 
 class Codebook(nn.Module):
@@ -798,7 +816,7 @@ class VectorQuantize(nn.Module):
                     # the codebook takes gradients from the loss only when it is learnable and not frozen
                     if chosen is not None:  # searched already: finish from the given codes
                         r = _quantize_chosen(z[c], e[c] if commit_learnable else e[c].detach(), chosen[c],
-                                             estimator)
+                                             metric, estimator, backend=self.backend)
                     else:
                         r = quantize(z[c], e[c] if commit_learnable else e[c].detach(), metric=metric,
                                      estimator=estimator, backend=self.backend)
@@ -814,7 +832,8 @@ class VectorQuantize(nn.Module):
                     commits.append(commit)
                 else:
                     if chosen is not None:
-                        r = _quantize_chosen(z[c].detach(), e[c], chosen[c], codebook_grad_through_output=codebook_grad)
+                        r = _quantize_chosen(z[c].detach(), e[c], chosen[c], metric,
+                                             codebook_grad_through_output=codebook_grad, backend=self.backend)
                     else:
                         r = quantize(z[c].detach(), e[c], metric=metric, codebook_grad_through_output=codebook_grad,
                                      backend=self.backend)

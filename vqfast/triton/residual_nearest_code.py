@@ -123,8 +123,15 @@ def _residual_nearest_code_kernel(z_ptr, cb_ptr, code_ptr, idx_ptr, dist_ptr, N,
             if METRIC == 0:
                 dist = best_s + rsq
                 dist = tl.where(dist < 0.0, 0.0, dist)  # not maximum(): NaN must stay NaN
-            else:
+            elif rsq.dtype == tl.float64:
                 dist = 1.0 + best_s * _inv_norm(rsq)
+            else:
+                # The row norm only scales the reported distance (the search compares
+                # dot / |e|), so rsqrt.approx (2 ulp) serves here; the correctly rounded
+                # sqrt/div of _inv_norm are subroutine calls that need a stack frame
+                # inside the stage loop (an STL/LDL pair on sm_90).
+                eps_sq: tl.constexpr = 1e-24  # _NORM_EPS ** 2
+                dist = 1.0 + best_s * tl.math.rsqrt(tl.where(rsq > eps_sq, rsq, eps_sq))
         tl.store(idx_ptr + rows * Q + q, best_i.to(tl.int64), mask=m_mask)
         tl.store(dist_ptr + rows * Q + q, dist.to(acc_ty), mask=m_mask)
 
