@@ -302,28 +302,37 @@ def bench_quantize(sizes, device: torch.device) -> tuple[list[Row], dict]:
     return rows, {"threads": torch.get_num_threads(), "notes": notes}
 
 
+def group_rows(rows, key) -> dict:
+    """Rows grouped by key(row), in first-seen order (one table block per size / case)."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(key(r), []).append(r)
+    return groups
+
+
+def ratio_cell(ref_seconds: float | None, seconds: float, width: int) -> str:
+    """'ref / this' right-aligned in width characters, '-' without a reference."""
+    return f"{ref_seconds / seconds:{width - 1}.2f}x" if ref_seconds else f"{'-':>{width}}"
+
+
+def table_footer(meta: dict, explanation: str) -> list[str]:
+    return [f"note: {name}: {note}" for name, note in meta.get("notes", {}).items()] + [explanation]
+
+
 def format_quantize_table(rows: list[Row], meta: dict, title: str) -> str:
     out = [f"{title}  (threads={meta['threads']}; one training step = forward + backward (+ EMA update))"]
     head = f"{'N':>7} {'K':>6} {'D':>4}  {'method':<36} {'median':>9} {'vs plain torch':>14} {'vs vq-pytorch':>13} {'peak extra':>12}"
     out += [head, "-" * len(head)]
-    by_size: dict[tuple, list[Row]] = {}
-    for r in rows:
-        by_size.setdefault(r.size, []).append(r)
-    for size, group in by_size.items():
+    for (n, k, d), group in group_rows(rows, lambda r: r.size).items():
         ref = {r.method: r.seconds for r in group}
         for r in group:
-            n, k, d = size
             kind = r.method.split()[0]
-            plain = ref.get("learnable plain torch")
-            vqp = ref.get(f"{kind} vector-quantize-pytorch")
-            vs_plain = f"{plain / r.seconds:13.2f}x" if plain else f"{'-':>14}"
-            vs_vqp = f"{vqp / r.seconds:12.2f}x" if vqp else f"{'-':>13}"
+            vs_plain = ratio_cell(ref.get("learnable plain torch"), r.seconds, 14)
+            vs_vqp = ratio_cell(ref.get(f"{kind} vector-quantize-pytorch"), r.seconds, 13)
             out.append(f"{n:>7} {k:>6} {d:>4}  {r.method:<36} {r.seconds * 1e3:7.1f}ms {vs_plain} {vs_vqp} "
                        f"{_fmt_bytes(r.peak_bytes):>12}")
-    for name, note in meta.get("notes", {}).items():
-        out.append(f"note: {name}: {note}")
-    out.append("ratios: the other method's time divided by this one's (>1 = this one is faster); "
-               "'vs vq-pytorch' compares like with like (learnable with learnable, EMA with EMA).")
+    out += table_footer(meta, "ratios: the other method's time divided by this one's (>1 = this one is faster); "
+                        "'vs vq-pytorch' compares like with like (learnable with learnable, EMA with EMA).")
     return "\n".join(out)
 
 
@@ -411,24 +420,16 @@ def format_residual_table(rows: list[Row], meta: dict, title: str) -> str:
     head = (f"{'N':>7} {'K':>6} {'D':>4}  {'method':<24} {'median':>9} {'GFLOP/s':>8} "
             f"{'vs Q x nearest_code':>19} {'vs ResidualVQ':>13} {'peak extra':>12}")
     out += [head, "-" * len(head)]
-    by_size: dict[tuple, list[Row]] = {}
-    for r in rows:
-        by_size.setdefault(r.size, []).append(r)
-    for size, group in by_size.items():
+    for (n, k, d), group in group_rows(rows, lambda r: r.size).items():
         ref = {r.method: r.seconds for r in group}
         for r in group:
-            n, k, d = size
             backend = r.method[r.method.find("[") + 1:r.method.find("]")] if "[" in r.method else None
-            seq = ref.get(f"{q} x nearest_code[{backend}]") if backend else None
-            vqp = ref.get("vq-pytorch ResidualVQ")
-            vs_seq = f"{seq / r.seconds:18.2f}x" if seq else f"{'-':>19}"
-            vs_vqp = f"{vqp / r.seconds:12.2f}x" if vqp else f"{'-':>13}"
+            vs_seq = ratio_cell(ref.get(f"{q} x nearest_code[{backend}]") if backend else None, r.seconds, 19)
+            vs_vqp = ratio_cell(ref.get("vq-pytorch ResidualVQ"), r.seconds, 13)
             out.append(f"{n:>7} {k:>6} {d:>4}  {r.method:<24} {r.seconds * 1e3:7.1f}ms {r.gflops:8.1f} "
                        f"{vs_seq} {vs_vqp} {_fmt_bytes(r.peak_bytes):>12}")
-    for name, note in meta.get("notes", {}).items():
-        out.append(f"note: {name}: {note}")
-    out.append("ratios: the other method's time divided by this one's (>1 = this one is faster); "
-               "'vs Q x nearest_code' compares with the same backend's single-stage op called Q times.")
+    out += table_footer(meta, "ratios: the other method's time divided by this one's (>1 = this one is faster); "
+                        "'vs Q x nearest_code' compares with the same backend's single-stage op called Q times.")
     return "\n".join(out)
 
 

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from vqfast import registry
-from vqfast.bench import PeakMemory, _fmt_bytes, time_call
+from vqfast.bench import PeakMemory, _fmt_bytes, group_rows, ratio_cell, table_footer, time_call
 
 
 @dataclass(frozen=True)
@@ -24,14 +24,15 @@ class LayerCase:
     batch: int
     seq: int
     kwargs: tuple  # sorted (name, value) pairs
+    train: bool = True  # False: an eval forward under no_grad (inference)
 
     @property
     def rows(self) -> int:
         return self.batch * self.seq
 
 
-def _case(name, layer, batch, seq, **kwargs) -> LayerCase:
-    return LayerCase(name, layer, batch, seq, tuple(sorted(kwargs.items())))
+def _case(name, layer, batch, seq, train=True, **kwargs) -> LayerCase:
+    return LayerCase(name, layer, batch, seq, tuple(sorted(kwargs.items())), train)
 
 
 # The targets: VectorQuantize at codebook_size 16384; ResidualVQ at Q=8, K=1024, D=128.
@@ -41,6 +42,8 @@ CASES = [
     _case("VQ learnable K=16384 D=64", "VectorQuantize", 8, 4096, dim=64, codebook_size=16384,
           learnable_codebook=True, ema_update=False),
     _case("RVQ ema Q=8 K=1024 D=128", "ResidualVQ", 4, 4096, dim=128, num_quantizers=8, codebook_size=1024),
+    _case("RVQ eval Q=8 K=1024 D=128", "ResidualVQ", 4, 4096, train=False, dim=128, num_quantizers=8,
+          codebook_size=1024),
 ]
 QUICK_CASES = [
     _case("VQ ema K=1024 D=64", "VectorQuantize", 2, 1024, dim=64, codebook_size=1024),
@@ -81,6 +84,14 @@ def layer_methods(case: LayerCase, device: torch.device) -> tuple[dict[str, Call
     methods, notes = {}, {}
 
     def step_of(layer):
+        if not case.train:
+            layer.eval()
+
+            @torch.no_grad()
+            def infer(x):
+                return layer(x)
+            return infer
+
         def step(x):
             out, _, loss = layer(x)
             ((out * g).sum() + loss.sum()).backward()
@@ -127,25 +138,21 @@ def bench_layers(cases, device: torch.device) -> tuple[list[LayerRow], dict]:
 
 
 def format_layers_table(rows: list[LayerRow], meta: dict, title: str) -> str:
-    out = [f"{title}  (threads={meta['threads']}; one training step = forward (with the EMA update) + backward)"]
+    out = [f"{title}  (threads={meta['threads']}; a training step = forward (with the EMA update) + backward; "
+           "'eval' rows: a forward under no_grad)"]
     head = (f"{'layer':<26} {'rows':>6}  {'method':<28} {'median':>9} {'vs vq-pytorch':>13} "
             f"{'peak extra':>12} {'mem vs vq-pytorch':>17}")
     out += [head, "-" * len(head)]
-    by_case: dict[LayerCase, list[LayerRow]] = {}
-    for r in rows:
-        by_case.setdefault(r.case, []).append(r)
-    for case, group in by_case.items():
+    for case, group in group_rows(rows, lambda r: r.case).items():
         peer = next((r for r in group if r.method == "vector-quantize-pytorch"), None)
         for r in group:
-            speed = f"{peer.seconds / r.seconds:12.2f}x" if peer else f"{'-':>13}"
+            speed = ratio_cell(peer.seconds if peer else None, r.seconds, 13)
             mem = (f"{r.peak_bytes / peer.peak_bytes:16.3f}x" if peer and peer.peak_bytes and r.peak_bytes is not None
                    else f"{'-':>17}")
             out.append(f"{case.name:<26} {case.rows:>6}  {r.method:<28} {r.seconds * 1e3:7.1f}ms {speed} "
                        f"{_fmt_bytes(r.peak_bytes):>12} {mem}")
-    for name, note in meta.get("notes", {}).items():
-        out.append(f"note: {name}: {note}")
-    out.append("'vs vq-pytorch': its time / this one's (>1 = faster); 'mem vs vq-pytorch': this one's peak extra "
-               "memory / its (<1 = less).")
+    out += table_footer(meta, "'vs vq-pytorch': its time / this one's (>1 = faster); 'mem vs vq-pytorch': this "
+                        "one's peak extra memory / its (<1 = less).")
     return "\n".join(out)
 
 
