@@ -1,6 +1,6 @@
-# make demo   - set up .venv, build vqfast (CPU + CUDA kernels), run the main job
+# make demo   - set up .venv, build vqfast (CPU + CUDA kernels), train a VQ-VAE on the embedded photos (+ VQ-GAN fine-tune)
 # make test   - same set-up, then the static GPU report and the whole test suite
-# make bench  - the full benchmark table;  make gpu-check - on a machine with an NVIDIA GPU
+# make bench  - the benchmark tables (kernels, quantize step, residual, layers);  make gpu-check - on an NVIDIA GPU
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -23,7 +23,7 @@ build: $(VENV)/.deps
 	$(PY) -m vqfast info
 
 demo: build
-	$(PY) -m vqfast bench
+	$(PY) -m vqfast demo
 
 bench: build
 	$(PY) -m vqfast bench
