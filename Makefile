@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 export MAX_JOBS ?= 2
 
-.PHONY: demo test bench build gpu-check kernels-report test-slow clean
+.PHONY: demo demo-apps test bench build gpu-check kernels-report test-slow clean
 
 $(VENV)/.deps: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ build: $(VENV)/.deps
 
 demo: build
 	$(PY) -m vqfast demo
+
+# the applications on the embedded photos: code prior + samples, compression vs JPEG/WebP, restoration
+demo-apps: build
+	$(PY) -m vqfast demo-apps
 
 bench: build
 	$(PY) -m vqfast bench

@@ -7,8 +7,8 @@ float64 softmax): the encoder feeds the true codes, the decoder the codes it has
 Same weights and same arithmetic on both sides are required (the file header carries a hash of
 the prior's weights, so a different model is refused instead of decoding garbage).
 
-``encode_codes`` / ``decode_codes`` work on one sequence; ``raw_bits`` is the baseline of
-``ceil(log2 K)`` bits per code.
+``encode_codes`` / ``decode_codes`` code one sequence or a batch of them (the tiles of an
+image) into one stream; ``raw_bits`` is the baseline of ``ceil(log2 K)`` bits per code.
 """
 from __future__ import annotations
 
@@ -37,58 +37,51 @@ def model_hash(module: torch.nn.Module) -> bytes:
     return h.digest()[:8]
 
 
-def _step_probabilities(prior, prev, pos, cache, cond) -> np.ndarray:
-    logits = prior.step_logits(prev, pos, cache, cond, batch=1)[0]
-    return torch.softmax(logits.double(), -1).cpu().numpy()
-
-
 @torch.no_grad()
+def _range_code(prior, n: int, cond, codes: torch.Tensor | None = None, words: np.ndarray | None = None):
+    """Encode ``codes`` (n, L) into one word stream, or decode n sequences from ``words``: the same
+    batched incremental steps on both sides, so both see the same probabilities."""
+    c = _constriction()
+    model = c.stream.model.Categorical(perfect=False)
+    coder = c.stream.queue.RangeEncoder() if codes is not None else c.stream.queue.RangeDecoder(words)
+    out = torch.empty(n, prior.seq_len, dtype=torch.long)
+    cond_t = None if cond is None else torch.as_tensor(cond).reshape(-1).expand(n)
+    was_training = prior.training
+    prior.eval()
+    try:
+        cache = prior.new_cache(n)
+        prev = None
+        for t in range(prior.seq_len):
+            logits = prior.step_logits(prev, t, cache, cond_t, batch=n)
+            probs = torch.softmax(logits.double(), -1).cpu().numpy()
+            if codes is not None:
+                coder.encode(codes[:, t].numpy().astype(np.int32), model, probs)
+                out[:, t] = codes[:, t]
+            else:
+                out[:, t] = torch.from_numpy(np.asarray(coder.decode(model, probs), dtype=np.int64))
+            prev = out[:, t].to(prior.pos.device)
+    finally:
+        prior.train(was_training)
+    return coder.get_compressed() if codes is not None else out
+
+
 def encode_codes(codes: torch.Tensor, prior, cond: int | None = None) -> np.ndarray:
-    """Range-code one sequence ``codes`` (L,) with ``prior``; returns the compressed uint32 words."""
-    c = _constriction()
-    codes = torch.as_tensor(codes).reshape(-1).long().cpu()
-    if codes.numel() != prior.seq_len:
-        raise ValueError(f"codes must hold {prior.seq_len} codes (the prior's seq_len), got {codes.numel()}")
-    if codes.min() < 0 or codes.max() >= prior.num_codes:
+    """Range-code ``codes`` ((L,) or (n, L), L = the prior's seq_len) with ``prior`` into one
+    stream of uint32 words (n sequences coded together, one batched prior step per position)."""
+    codes = torch.as_tensor(codes).long().cpu()
+    seqs = codes.reshape(1, -1) if codes.ndim == 1 else codes
+    if seqs.ndim != 2 or seqs.shape[1] != prior.seq_len:
+        raise ValueError(f"codes must hold {prior.seq_len} codes (the prior's seq_len) per sequence, "
+                         f"got shape {tuple(codes.shape)}")
+    if seqs.numel() and (seqs.min() < 0 or seqs.max() >= prior.num_codes):
         raise ValueError(f"codes must lie in [0, {prior.num_codes})")
-    was_training = prior.training
-    prior.eval()
-    try:
-        cond_t = None if cond is None else torch.tensor([cond])
-        cache = prior.new_cache(1)
-        enc = c.stream.queue.RangeEncoder()
-        prev = None
-        for t in range(prior.seq_len):
-            probs = _step_probabilities(prior, prev, t, cache, cond_t)
-            sym = int(codes[t])
-            enc.encode(np.array([sym], dtype=np.int32), c.stream.model.Categorical(perfect=False),
-                       probs[None].astype(np.float64))
-            prev = codes[t:t + 1].to(prior.pos.device)
-        return enc.get_compressed()
-    finally:
-        prior.train(was_training)
+    return _range_code(prior, seqs.shape[0], cond, codes=seqs)
 
 
-@torch.no_grad()
-def decode_codes(words: np.ndarray, prior, cond: int | None = None) -> torch.Tensor:
-    """Inverse of ``encode_codes``: the (seq_len,) int64 codes."""
-    c = _constriction()
-    was_training = prior.training
-    prior.eval()
-    try:
-        cond_t = None if cond is None else torch.tensor([cond])
-        cache = prior.new_cache(1)
-        dec = c.stream.queue.RangeDecoder(np.asarray(words, dtype=np.uint32))
-        out = torch.empty(prior.seq_len, dtype=torch.long)
-        prev = None
-        for t in range(prior.seq_len):
-            probs = _step_probabilities(prior, prev, t, cache, cond_t)
-            sym = int(dec.decode(c.stream.model.Categorical(perfect=False), probs[None].astype(np.float64))[0])
-            out[t] = sym
-            prev = out[t:t + 1].to(prior.pos.device)
-        return out
-    finally:
-        prior.train(was_training)
+def decode_codes(words: np.ndarray, prior, cond: int | None = None, n: int | None = None) -> torch.Tensor:
+    """Inverse of ``encode_codes``: ``n`` sequences (n, L) int64, or one (L,) when ``n`` is None."""
+    out = _range_code(prior, 1 if n is None else n, cond, words=np.asarray(words, dtype=np.uint32))
+    return out[0] if n is None else out
 
 
 def raw_bits(num_codes: int, count: int) -> int:
