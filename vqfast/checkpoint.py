@@ -31,11 +31,24 @@ import torch
 
 __all__ = ["CheckpointError", "load_state_dict", "load_into", "save_state_dict",
            "save_training_state", "load_training_state",
-           "MODEL_FILE", "CONFIG_FILE", "TRAINING_STATE_FILE"]
+           "read_run_config", "MODEL_FILE", "CONFIG_FILE", "TRAINING_STATE_FILE", "CHECKPOINT_DIR"]
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TRAINING_STATE_FILE = "training_state.pt"
+CHECKPOINT_DIR = "checkpoint"  # a run's --out holds its training state in this folder
+
+
+def read_run_config(path, what: str, hint: str) -> tuple[str, dict]:
+    """``(checkpoint folder, its config.json)`` of a run: ``path`` is the run's ``--out`` directory
+    or its checkpoint folder. ``what`` and ``hint`` word the error when there is no config."""
+    sub = os.path.join(path, CHECKPOINT_DIR)
+    directory = sub if os.path.isdir(sub) else str(path)
+    cfg_path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"{what}: {str(path)!r} holds no {CONFIG_FILE} ({hint})")
+    with open(cfg_path) as f:
+        return directory, json.load(f)
 
 # Wrappers unwrapped by load_state_dict when key is None, in order of preference.
 # Lightning keeps the weights under "state_dict"; LlamaGen keeps "model" and, when

@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from vqfast import data as datasets
+from vqfast.checkpoint import CHECKPOINT_DIR
 from vqfast.metrics import (bits_per_pixel, codebook_size_of, downsample_factor, forward_with_indices, psnr,
                             reconstruction_metrics)
 from vqfast.ops.codebook import codebook_stats
 
-CHECKPOINT_DIR = "checkpoint"
 # Taming's base learning rate, scaled by the global batch size (main.py: base_lr * ngpu * bs).
 TAMING_BASE_LR = 4.5e-6
 
@@ -135,21 +135,11 @@ def build_model(kind: str, config: dict) -> torch.nn.Module:
     raise ValueError(f"build_model: kind must be 'vqvae' or 'vqgan', got {kind!r}")
 
 
-def _checkpoint_dir(path: str) -> str:
-    sub = os.path.join(path, CHECKPOINT_DIR)
-    return sub if os.path.isdir(sub) else path
-
-
 def load_model(path: str, device: str = "cpu"):
     """``(model, config)`` from a checkpoint directory (or the ``--out`` directory above it)."""
     from vqfast import checkpoint
-    directory = _checkpoint_dir(path)
-    cfg_path = os.path.join(directory, checkpoint.CONFIG_FILE)
-    if not os.path.isfile(cfg_path):
-        raise ValueError(f"load_model: {path!r} holds no {checkpoint.CONFIG_FILE} (pass the --out directory of "
-                         f"`python -m vqfast train` or its checkpoint/ folder)")
-    with open(cfg_path) as f:
-        config = json.load(f)
+    directory, config = checkpoint.read_run_config(
+        path, "load_model", "pass the --out directory of `python -m vqfast train` or its checkpoint/ folder")
     model_cfg = dict(config["model_config"])
     if config["model"] == "vqvae":
         model_cfg["sync_codebook"] = False       # a single process reading the weights
@@ -337,7 +327,8 @@ def _train(args, rank, world, device, checkpoint) -> dict:
         if gan is not None:
             gan.load_state_dict(extra["loss"])
     elif args.init:
-        checkpoint.load_into(model, os.path.join(_checkpoint_dir(args.init), checkpoint.MODEL_FILE))
+        init_dir, _ = checkpoint.read_run_config(args.init, "--init", "pass the --out directory of a training run")
+        checkpoint.load_into(model, os.path.join(init_dir, checkpoint.MODEL_FILE))
         torch.manual_seed(args.seed)  # the same randomness whether or not the weights came from a file
 
     net = model

@@ -6,7 +6,6 @@ fastest: the order ``CodePrior`` models and the entropy coder codes. ``grid`` is
 """
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -79,14 +78,7 @@ def load_prior(run_dir: str, device: str = "cpu"):
     """``(prior, config, tokenizer, tokenizer_config)`` of a ``train-prior`` run directory."""
     from vqfast import checkpoint
     from vqfast.models.prior import CodePrior
-    from vqfast.train import _checkpoint_dir
-    directory = _checkpoint_dir(run_dir)
-    cfg_path = os.path.join(directory, checkpoint.CONFIG_FILE)
-    if not os.path.isfile(cfg_path):
-        raise ValueError(f"prior: {run_dir!r} holds no {checkpoint.CONFIG_FILE} (pass the --out of "
-                         f"`python -m vqfast train-prior`)")
-    with open(cfg_path) as f:
-        config = json.load(f)
+    directory, config = checkpoint.read_run_config(run_dir, "prior", "pass the --out of `python -m vqfast train-prior`")
     if config.get("kind") != PRIOR_KIND:
         raise ValueError(f"prior: {run_dir!r} is not a train-prior run (config kind {config.get('kind')!r})")
     prior = CodePrior(**config["prior"])
