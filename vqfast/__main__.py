@@ -1,4 +1,4 @@
-"""``python -m vqfast {bench, kernels-report, info}``."""
+"""``python -m vqfast COMMAND``: benchmarks, the static GPU report, training, the applications (see COMMANDS)."""
 from __future__ import annotations
 
 import sys
