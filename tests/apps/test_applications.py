@@ -321,3 +321,24 @@ def test_eval_with_weight_files_reports_lpips_and_fid(runs, tmp_path, monkeypatc
     assert messages == []
     # Random calibration weights may be negative: only finiteness says the path ran.
     assert math.isfinite(m["lpips"]) and m["lpips"] != 0 and math.isfinite(m["fid"]) and m["inception_score"] > 0
+
+
+def test_superres_output_is_input_plus_decoded_detail():
+    """The super-resolution model adds its decoded codes to the bicubic input: with a decoder whose
+    last layer outputs 0 the result is the input exactly; with any decoder, input + detail."""
+    from vqfast.apps import restore
+    from vqfast.models import VQVAE
+
+    torch.manual_seed(0)
+    model = VQVAE(channels=16, res_channels=8, num_res_blocks=1, downsample=4, codebook_size=16, embed_dim=8)
+    images = restore.bicubic_input(torch.rand(3, 3, 16, 16), 2)
+    plain = restore.through_codes(model, images)
+    with_input = restore.through_codes(model, images, residual=True)
+    torch.testing.assert_close(with_input, (images + (plain * 2 - 1) / 2).clamp(0, 1), atol=1e-5, rtol=0)
+    last = model.get_last_layer()
+    with torch.no_grad():
+        last.zero_()
+        for m in model.modules():  # and the bias of the layer that weight belongs to
+            if getattr(m, "weight", None) is last and getattr(m, "bias", None) is not None:
+                m.bias.zero_()
+    torch.testing.assert_close(restore.through_codes(model, images, residual=True), images.clamp(0, 1))

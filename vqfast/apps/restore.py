@@ -5,7 +5,10 @@
   from ``python -m vqfast train``).
 * superres: a tokenizer whose encoder sees the bicubic-upsampled low-resolution image and whose
   decoder is trained to the high-resolution one, ``python -m vqfast train-superres --scale 2|4``
-  (the same VQ-VAE and options as ``train``; the scale is kept in its config).
+  (the same VQ-VAE and options as ``train``; the scale is kept in its config). The decoder predicts
+  the detail the bicubic image lacks (output = bicubic input + decoded codes), as super-resolution
+  networks do: the codes then carry only the high frequencies, and an untrained detail is ~0 rather
+  than a worse copy of the image.
 
 Without IMAGE, the command measures on the held-out crops of the data set: PSNR/SSIM of the
 input (noisy, or bicubic) and of the restored image against the clean one, as a table, and a
@@ -58,23 +61,26 @@ def upsample(lr: torch.Tensor, scale: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def through_codes(model, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Images in [0, 1] (sides multiples of the downsample factor) encoded, quantized, decoded."""
+def through_codes(model, images: torch.Tensor, batch_size: int = 64, residual: bool = False) -> torch.Tensor:
+    """Images in [0, 1] (sides multiples of the downsample factor) encoded, quantized, decoded
+    (``residual``: the decoded codes are the detail added to the input, the super-resolution model)."""
     model.eval()
     out = []
     for i in range(0, images.shape[0], batch_size):
-        xrec, _, _ = forward_with_indices(model, images[i:i + batch_size] * 2 - 1)
-        out.append(((xrec.float() + 1) / 2).clamp(0, 1))
+        x = images[i:i + batch_size] * 2 - 1
+        xrec, _, _ = forward_with_indices(model, x)
+        y = x + xrec.float() if residual else xrec.float()
+        out.append(((y + 1) / 2).clamp(0, 1))
     return torch.cat(out)
 
 
 def restoration_table(model, clean: torch.Tensor, task: str, *, sigma: float = 0.1, scale: int = 2,
-                      seed: int = 0) -> tuple[dict, torch.Tensor, torch.Tensor]:
+                      seed: int = 0, residual: bool = False) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """``({"input": {psnr_db, ssim}, "restored": {...}}, degraded, restored)`` on clean images in [0, 1]."""
     if task not in TASKS:
         raise ValueError(f"restore: task must be one of {TASKS}, got {task!r}")
     degraded = add_noise(clean, sigma, seed) if task == "denoise" else bicubic_input(clean, scale)
-    restored = through_codes(model, degraded)
+    restored = through_codes(model, degraded, residual=residual)
     row = {name: {"psnr_db": psnr(x, clean), "ssim": ssim(x, clean)}
            for name, x in (("input", degraded), ("restored", restored))}
     return row, degraded, restored
@@ -136,7 +142,7 @@ def train_superres(args) -> dict:
     lr = args.lr if args.lr is not None else 2e-4
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.9))
     config = {"model": kind, "model_config": cfg, "loss": "mse", "data": data.name, "crop_size": data.crop_size,
-              "superres_scale": args.scale,
+              "superres_scale": args.scale, "superres_residual": True,
               "train": {k: v for k, v in vars(args).items() if k not in ("resume", "init")}}
     ckpt = os.path.join(args.out, CHECKPOINT_DIR)
     start = 0
@@ -152,8 +158,9 @@ def train_superres(args) -> dict:
             for group in opt.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / args.steps)) if args.lr_decay == "cosine" else lr
             hr = data.batch(args.batch_size, args.seed, step)
-            xrec, qloss, _ = forward_with_indices(model, bicubic_input(hr, args.scale) * 2 - 1)
-            loss = F.mse_loss(xrec.float(), hr * 2 - 1) + qloss.float()
+            x = bicubic_input(hr, args.scale) * 2 - 1
+            xrec, qloss, _ = forward_with_indices(model, x)
+            loss = F.mse_loss(x + xrec.float(), hr * 2 - 1) + qloss.float()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -167,7 +174,7 @@ def train_superres(args) -> dict:
     checkpoint.save_training_state(ckpt, model=model, optimizers={"generator": opt}, step=max(args.steps, start),
                                    config=config)
     clean = held_out_crops(args.data, args.crop_size, args.held_out)
-    row, degraded, restored = restoration_table(model, clean, "superres", scale=args.scale)
+    row, degraded, restored = restoration_table(model, clean, "superres", scale=args.scale, residual=True)
     save_side_by_side(os.path.join(args.out, "superres.png"), clean, degraded, restored)
     metrics = {f"superres_x{args.scale}": row, "train_seconds": seconds, "steps": args.steps}
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
@@ -205,6 +212,9 @@ def _restore_file(model, config, args) -> None:
     # Whole images through the codec's path: padded (edge replicate) to the code grid, cropped back.
     img = (x[0] * 255).round().to(torch.uint8)
     restored = codec.codes_to_image(model, codec.image_to_codes(model, img), img.shape[1], img.shape[2])
+    if args.task == "superres" and config.get("superres_residual"):  # decoded codes = detail over the input
+        detail = restored.float() / 255 * 2 - 1  # the decoder's output, in the [-1, 1] image scale
+        restored = ((img.float() / 255 + detail / 2).clamp(0, 1) * 255).round().to(torch.uint8)
     out = args.output or os.path.splitext(args.image)[0] + f"_{args.task}.png"
     codec._save_image(out, restored)
     msg = f"{args.image} -> {out} ({restored.shape[2]}x{restored.shape[1]})"
@@ -242,7 +252,8 @@ def main(argv=None) -> int:
         return 0
     clean = held_out_crops(config["train"].get("data", "embedded"), int(config["crop_size"]), args.held_out)
     row, degraded, restored = restoration_table(model, clean, args.task, sigma=args.sigma, scale=scale or 2,
-                                                seed=args.seed)
+                                                seed=args.seed,
+                                                residual=args.task == "superres" and bool(config.get("superres_residual")))
     label = f"denoise sigma={args.sigma}" if args.task == "denoise" else f"superres x{scale}"
     print_restore_table({label: row}, f"{clean.shape[0]} held-out crops, against the clean image")
     out = args.output or os.path.join(args.tokenizer, f"restore_{args.task}.png")
