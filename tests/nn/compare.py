@@ -24,3 +24,21 @@ def assert_same_param_grads(ref, ours):
         assert (po.grad is None) == (p.grad is None), name
         if p.grad is not None:
             torch.testing.assert_close(po.grad, p.grad, **TOL, msg=lambda m: f"grad of {name}: {m}")
+
+
+def backward_and_compare(ref, ours, xr, xo, ref_out, our_out, weigh_losses=False):
+    """Backward of ``(quantized * g).sum() + loss`` through both layers (the same random g; with
+    ``weigh_losses`` the losses are summed with the same random weights), then the same input
+    gradients and parameter gradients, to TOL. ``*_out`` are ``(quantized, loss)`` pairs."""
+    (qr, lr), (qo, lo) = ref_out, our_out
+    g = torch.randn_like(qr)
+    w = torch.rand_like(lr) if weigh_losses else None
+    for q, l in ((qr, lr), (qo, lo)):
+        total = (q * g).sum() if q.requires_grad else 0.
+        if l.requires_grad:
+            total = total + ((l * w).sum() if w is not None else l)
+        total.backward()
+    assert (xo.grad is None) == (xr.grad is None)
+    if xr.grad is not None:
+        torch.testing.assert_close(xo.grad, xr.grad, **TOL)
+    assert_same_param_grads(ref, ours)

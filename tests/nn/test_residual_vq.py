@@ -4,7 +4,7 @@ unsupported-argument errors."""
 import pytest
 import torch
 
-from tests.nn.compare import TOL, assert_same_param_grads, assert_same_state
+from tests.nn.compare import TOL, assert_same_state, backward_and_compare
 
 from vqfast.nn import GroupedResidualVQ, ResidualVQ
 
@@ -38,16 +38,7 @@ def compare_step(ref, ours, x, seed=0, **fwd):
     torch.testing.assert_close(lo, lr, **TOL)
     assert lo.requires_grad == lr.requires_grad
     if qr.requires_grad or lr.requires_grad:
-        g = torch.randn_like(qr)
-        w = torch.rand_like(lr)
-        for q, l in ((qr, lr), (qo, lo)):
-            total = (q * g).sum() if q.requires_grad else 0.
-            total = total + (l * w).sum() if l.requires_grad else total
-            total.backward()
-        assert (xo.grad is None) == (xr.grad is None)
-        if xr.grad is not None:
-            torch.testing.assert_close(xo.grad, xr.grad, **TOL)
-        assert_same_param_grads(ref, ours)
+        backward_and_compare(ref, ours, xr, xo, (qr, lr), (qo, lo), weigh_losses=True)
     assert_same_state(ref, ours)
     return out_r, out_o
 
